@@ -27,7 +27,17 @@ _LAZY = {
     "VolumeSession": "napari_sam.volume.session",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "Sam",
+    "SamAutomaticMaskGenerator",
+    "SamPredictor",
+    "VolumeSession",
+    "build_sam",
+    "load_model",
+    "sam_model_registry",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_sam.automatic import SamAutomaticMaskGenerator
