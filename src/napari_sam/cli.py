@@ -11,6 +11,7 @@ from collections.abc import Sequence
 # ``func(args) -> int`` as its default. Imported lazily so ``--help`` stays fast.
 COMMANDS = [
     "napari_sam.commands.models",
+    "napari_sam.commands.view",
 ]
 
 
