@@ -16,6 +16,7 @@ from typing import Any, Literal
 __all__ = ["DEFAULT_MODEL", "MODELS", "ModelSpec", "get_spec"]
 
 SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+SAM_HOMEPAGE = "https://github.com/facebookresearch/segment-anything"
 
 EncoderKind = Literal["vit", "tiny_vit"]
 Preprocessing = Literal["sam", "medsam"]
@@ -45,6 +46,9 @@ class ModelSpec:
     url, filename, sha256, size_bytes, license
         Where the official weights live and how to verify them. ``url=None`` means no stable
         URL exists and the user supplies the file.
+    homepage : str or None
+        The project page that distributes the weights: where to get the file by hand when
+        ``url`` is None or a download fails.
     test_fixture : bool
         True for the small model trained by this project on synthetic shapes only. Never a
         default.
@@ -61,6 +65,7 @@ class ModelSpec:
     size_bytes: int | None = None
     license: str = "Apache-2.0"
     description: str = ""
+    homepage: str | None = None
     test_fixture: bool = False
 
     def __post_init__(self) -> None:
@@ -133,6 +138,7 @@ _OFFICIAL = [
         sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
         size_bytes=2_564_550_879,
         description="SAM ViT-H (641 M parameters), Meta AI: the most accurate, the slowest.",
+        homepage=SAM_HOMEPAGE,
     ),
     ModelSpec(
         name="vit_l",
@@ -143,6 +149,7 @@ _OFFICIAL = [
         sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
         size_bytes=1_249_524_607,
         description="SAM ViT-L (312 M parameters), Meta AI.",
+        homepage=SAM_HOMEPAGE,
     ),
     ModelSpec(
         name="vit_b",
@@ -153,6 +160,7 @@ _OFFICIAL = [
         sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
         size_bytes=375_042_383,
         description="SAM ViT-B (94 M parameters), Meta AI: the usual trade-off.",
+        homepage=SAM_HOMEPAGE,
     ),
     ModelSpec(
         name="vit_t",
@@ -164,6 +172,7 @@ _OFFICIAL = [
         sha256=None,
         size_bytes=40_728_226,
         description="MobileSAM (TinyViT-5M encoder, 10 M parameters): fastest on a CPU.",
+        homepage="https://github.com/ChaoningZhang/MobileSAM",
     ),
     ModelSpec(
         name="medsam_vit_b",
@@ -180,6 +189,7 @@ _OFFICIAL = [
             "Download medsam_vit_b.pth from the MedSAM project page and pass it as the "
             "checkpoint, or put it in the model cache folder."
         ),
+        homepage="https://github.com/bowang-lab/MedSAM",
     ),
 ]
 
