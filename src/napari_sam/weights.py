@@ -100,9 +100,10 @@ class UnsafeCheckpointError(ValueError):
 def cache_dir() -> Path:
     """Folder where downloaded weights are kept, created on demand.
 
-    ``$NAPARI_SAM_CACHE`` when set, else the per-user cache folder (``~/.cache/napari-sam`` on
-    Linux, ``~/Library/Caches/napari-sam`` on macOS, ``%LOCALAPPDATA%\\napari-sam\\Cache`` on
-    Windows).
+    ``$NAPARI_SAM_CACHE`` when set, else the per-user cache folder from
+    ``pooch.os_cache("napari-sam")``: ``~/.cache/napari-sam`` on Linux (``$XDG_CACHE_HOME``
+    respected), ``~/Library/Caches/napari-sam`` on macOS,
+    ``%LOCALAPPDATA%\\napari-sam\\napari-sam\\Cache`` on Windows.
     """
     env = os.environ.get(CACHE_ENV)
     if env:
@@ -172,13 +173,17 @@ def _source_url(spec: ModelSpec, base_url: str | None) -> str | None:
 def _unavailable(spec: ModelSpec, dest: Path, url: str | None, reason: str) -> str:
     where = spec.homepage or "the model's project page (see docs/models.md)"
     if url:
-        head = f"cannot download {spec.filename} for model {spec.name!r} from {url}: {reason}."
-        by_hand = f"Download it from {url} (or via {where}) yourself and put it at"
+        head = (
+            f"cannot download {spec.filename} for model {spec.name!r} from {url}: {reason}.\n"
+            f"Download it from {url} (or via {where}) yourself and put it at:"
+        )
     else:
-        head = f"cannot download {spec.filename} for model {spec.name!r}: no stable URL."
-        by_hand = f"Download it from {where} yourself and put it at"
+        head = (
+            f"cannot download {spec.filename} for model {spec.name!r}: no stable URL: "
+            f"download it from {where} yourself and put it at:"
+        )
     return (
-        f"{head}\n{by_hand}:\n    {dest}\n"
+        f"{head}\n    {dest}\n"
         "or keep it anywhere and load it with napari_sam.load_model(path) "
         "(any path works; the model type is read from the file)."
     )
@@ -334,10 +339,6 @@ def _stream(
         if bar is not None:
             bar.close()
     return digest.hexdigest(), done
-
-
-# ``load_model`` has a ``download`` flag; this name reaches the function from inside it.
-_download = download
 
 
 # --------------------------------------------------------------------------------------------
@@ -772,7 +773,7 @@ def _looks_like(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def _describe(spec: ModelSpec) -> str:
-    if MODELS.get(spec.name) == spec:
+    if spec.name in MODELS and same_architecture(MODELS[spec.name], spec):
         same = [
             s.name for s in MODELS.values() if s.name != spec.name and same_architecture(s, spec)
         ]
@@ -870,7 +871,9 @@ def load_model(
                     raise WeightsUnavailableError(
                         _unavailable(named, destination(named), named.url, "download=False")
                     )
-                path = _download(named)
+                # The ``download`` flag shadows the function; look it up at call time so that
+                # a patched ``weights.download`` (tests, the widget) is honoured.
+                path = globals()["download"](named)
     else:
         if checkpoint is not None:
             raise ValueError("give either a checkpoint path as the first argument or checkpoint=")
