@@ -1,0 +1,136 @@
+"""Build a :class:`Sam` from a :class:`~napari_sam.registry.ModelSpec` (and load its weights)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from napari_sam.models.image_encoder import ImageEncoderViT
+from napari_sam.models.mask_decoder import MaskDecoder
+from napari_sam.models.prompt_encoder import PromptEncoder
+from napari_sam.models.sam import Sam
+from napari_sam.models.transformer import TwoWayTransformer
+from napari_sam.registry import ModelSpec, get_spec
+
+__all__ = ["build_sam", "sam_model_registry"]
+
+PROMPT_EMBED_DIM = 256
+PATCH_SIZE = 16
+
+
+def build_sam(
+    spec: ModelSpec | str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    strict: bool = True,
+) -> Sam:
+    """Build the model described by ``spec``, in eval mode, float32, on the CPU.
+
+    Parameters
+    ----------
+    spec : ModelSpec or str
+        A spec, or a registry name (``"vit_b"``, ``"default"``, ...).
+    checkpoint : path-like or None
+        Weights to load (``.pth`` / ``.pt`` / ``.safetensors``); None leaves the random
+        initialisation.
+    strict : bool
+        Require the checkpoint's keys to match the model's exactly (MobileSAM's unused
+        classifier head excepted).
+
+    Returns
+    -------
+    Sam
+        The model, with ``model.spec`` set to the spec it was built from.
+    """
+    if isinstance(spec, str):
+        spec = get_spec(spec)
+    elif not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a ModelSpec or a registry name, got {type(spec).__name__}")
+
+    size = spec.image_size
+    grid = size // PATCH_SIZE
+    model = Sam(
+        image_encoder=_build_encoder(spec),
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM,
+            image_embedding_size=(grid, grid),
+            input_image_size=(size, size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=PROMPT_EMBED_DIM,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=PROMPT_EMBED_DIM, num_heads=8, mlp_dim=2048
+            ),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        spec=spec,
+    )
+    model.eval()
+    if checkpoint is not None:
+        _load_checkpoint(model, checkpoint, strict=strict)
+    return model.to(dtype=torch.float32)
+
+
+def _build_encoder(spec: ModelSpec) -> nn.Module:
+    kwargs = dict(spec.encoder_kwargs)
+    if spec.encoder == "tiny_vit":
+        # Imported here so the ViT path never depends on the TinyViT module.
+        from napari_sam.models.tiny_vit import TinyViT
+
+        factory: Callable[..., nn.Module] = TinyViT
+        kwargs = {"img_size": spec.image_size, **kwargs}
+    else:
+        factory = ImageEncoderViT
+        kwargs = {
+            "img_size": spec.image_size,
+            "patch_size": PATCH_SIZE,
+            "mlp_ratio": 4.0,
+            "norm_layer": functools.partial(nn.LayerNorm, eps=1e-6),
+            "qkv_bias": True,
+            "use_rel_pos": True,
+            "window_size": 14,
+            "out_chans": PROMPT_EMBED_DIM,
+            **kwargs,
+        }
+    try:
+        return factory(**kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"model spec {spec.name!r} has encoder_kwargs the {spec.encoder} encoder does not "
+            f"accept: {err}"
+        ) from None
+
+
+def _load_checkpoint(model: Sam, checkpoint: str | os.PathLike, *, strict: bool) -> None:
+    try:
+        from napari_sam.weights import load_state_dict_into, read_state_dict
+    except ModuleNotFoundError as err:
+        if err.name != "napari_sam.weights":
+            raise
+        # TODO(lead): remove this fallback once napari_sam.weights has landed.
+        state_dict = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
+        model.load_state_dict(state_dict, strict=strict)
+        return
+    state_dict, _file_spec = read_state_dict(checkpoint)
+    if strict:
+        load_state_dict_into(model, state_dict)
+        return
+    try:
+        model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:
+        raise ValueError(
+            f"checkpoint {os.fspath(checkpoint)!r} does not fit the model: {err}"
+        ) from None
+
+
+sam_model_registry: dict[str, Callable[..., Sam]] = {
+    name: functools.partial(build_sam, name)
+    for name in ("default", "vit_h", "vit_l", "vit_b", "vit_t", "medsam_vit_b")
+}
