@@ -1,0 +1,137 @@
+"""Prompts derived from masks: dense mask prompts, boxes and interior points.
+
+A mask from a neighbouring slice (or one painted by the user) is turned into the prompts SAM
+understands. All functions take a 2D mask at the slice's size, ``True`` (or non-zero) inside.
+Coordinates follow ``segment_anything``: ``(x, y)`` = (column, row) in pixels of the slice.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+__all__ = ["MASK_LOGIT", "mask_to_box", "mask_to_mask_input", "mask_to_points"]
+
+# Logit of 1 - 1e-3: confident enough to steer the decoder, small enough to stay in the range of
+# the decoder's own low-resolution logits (what a previous ``predict`` call would return).
+MASK_LOGIT = float(np.log((1 - 1e-3) / 1e-3))
+
+
+class _Transform(Protocol):
+    target_length: int
+
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]: ...
+
+
+def _as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must be a 2D array (rows, columns), got shape {mask.shape}")
+    return mask.astype(bool, copy=False)
+
+
+def mask_to_mask_input(
+    mask: np.ndarray, transform: _Transform, original_size: tuple[int, int]
+) -> np.ndarray:
+    """Turn a binary mask into SAM's dense prompt (low-resolution logits).
+
+    The mask goes through the same geometry as the image: resized to ``transform.input_size``,
+    zero-padded bottom/right to ``S x S`` (``S = transform.target_length``), then reduced to
+    ``L x L`` (``L = S / 4``) by averaging 4 x 4 blocks. The block average is the exact inverse
+    of the predictor's bilinear ``L -> S`` upscaling grid (``align_corners=False``), so the
+    prompt lines up with the masks the predictor returns. Blocks at least half inside become
+    ``+MASK_LOGIT``, the others ``-MASK_LOGIT``.
+
+    Parameters
+    ----------
+    mask : (H, W) array
+        Non-zero inside. Must have the slice's size.
+    transform : ResizeLongestSide or StretchResize
+        The predictor's transform (``predictor.transform``).
+    original_size : (int, int)
+        ``(H, W)`` of the slice the mask belongs to.
+
+    Returns
+    -------
+    (1, L, L) float32 ndarray
+        Pass it as ``mask_input`` to ``SamPredictor.predict`` (or batch it for
+        ``predict_torch``).
+    """
+    mask = _as_mask(mask)
+    original_size = (int(original_size[0]), int(original_size[1]))
+    if mask.shape != original_size:
+        raise ValueError(
+            f"mask shape {mask.shape} does not match the slice size {original_size}; "
+            "pass the mask of the whole slice"
+        )
+    side = int(transform.target_length)
+    if side % 4:
+        raise ValueError(f"the transform's target length must be a multiple of 4, got {side}")
+    h, w = transform.input_size(original_size)
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    if (h, w) != original_size:
+        # antialias: a large mask shrunk to the encoder's frame keeps its area fractions.
+        t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    t = F.pad(t, (0, side - w, 0, side - h))
+    fraction = F.avg_pool2d(t, kernel_size=4)[0]
+    logits = torch.where(fraction >= 0.5, MASK_LOGIT, -MASK_LOGIT)
+    return logits.numpy().astype(np.float32, copy=False)
+
+
+def mask_to_box(mask: np.ndarray) -> np.ndarray | None:
+    """Bounding box of a mask as ``[x0, y0, x1, y1]``, or ``None`` when the mask is empty.
+
+    ``x1, y1`` are the last column and row inside the mask (inclusive), as in
+    ``segment_anything``'s automatic mask generator; the prompt encoder then places the corners
+    on pixel centres.
+
+    Returns
+    -------
+    (4,) float32 ndarray or None
+    """
+    mask = _as_mask(mask)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
+
+
+def mask_to_points(mask: np.ndarray, n: int = 1) -> np.ndarray:
+    """Up to ``n`` points deep inside a mask, farthest from its boundary first.
+
+    Greedy maxima of the Euclidean distance transform (pixels outside the slice count as
+    background): take the deepest pixel, suppress a disc around it whose radius is half its
+    distance to the boundary, repeat. Points therefore spread over the mask and over its
+    components, deepest first, and stay as far from the boundary as the spreading allows.
+
+    Parameters
+    ----------
+    mask : (H, W) array
+    n : int
+        Number of points wanted (>= 1).
+
+    Returns
+    -------
+    (k, 2) float32 ndarray
+        ``(x, y)`` pixel coordinates, ``k <= n`` (fewer when the mask is too small, 0 when empty).
+    """
+    mask = _as_mask(mask)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    rows, cols = np.indices(mask.shape, sparse=True)
+    points = []
+    for _ in range(n):
+        flat = int(np.argmax(depth))
+        r, c = divmod(flat, mask.shape[1])
+        radius = depth[r, c]
+        if radius <= 0:
+            break
+        points.append((c, r))
+        depth[(rows - r) ** 2 + (cols - c) ** 2 < max(radius / 2, 1.0) ** 2] = 0
+    return np.array(points, dtype=np.float32).reshape(-1, 2)

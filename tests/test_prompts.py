@@ -1,0 +1,116 @@
+"""Prompts from masks: the dense mask prompt lines up with the predictor's frame; boxes; points."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sam.models.build import build_sam
+from napari_sam.prompts import MASK_LOGIT, mask_to_box, mask_to_mask_input, mask_to_points
+from napari_sam.registry import ModelSpec
+from napari_sam.transforms import ResizeLongestSide, StretchResize
+
+
+def _spec(size: int, preprocessing: str = "sam") -> ModelSpec:
+    return ModelSpec(
+        name="test_prompts_vit",
+        encoder="vit",
+        encoder_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2, "global_attn_indexes": ()},
+        image_size=size,
+        preprocessing=preprocessing,
+        test_fixture=True,
+    )
+
+
+def _ellipse(shape, center, radii) -> np.ndarray:
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return ((yy - center[0]) / radii[0]) ** 2 + ((xx - center[1]) / radii[1]) ** 2 <= 1
+
+
+def _round_trip(mask: np.ndarray, size: int, preprocessing: str = "sam") -> np.ndarray:
+    """Dense prompt -> the model's own upscaling of low-res logits -> mask at the slice size."""
+    model = build_sam(_spec(size, preprocessing))
+    transform = StretchResize(size) if preprocessing == "medsam" else ResizeLongestSide(size)
+    logits = mask_to_mask_input(mask, transform, mask.shape)
+    up = model.postprocess_masks(
+        torch.from_numpy(logits)[None], transform.input_size(mask.shape), mask.shape
+    )
+    return (up[0, 0] > model.mask_threshold).numpy()
+
+
+def test_mask_input_shape_values_and_exact_blocks():
+    # Slice = encoder frame (no resize): a mask on the 4-pixel grid maps to exact blocks.
+    mask = np.zeros((64, 64), bool)
+    mask[8:24, 12:40] = True
+    logits = mask_to_mask_input(mask, ResizeLongestSide(64), (64, 64))
+    assert logits.shape == (1, 16, 16) and logits.dtype == np.float32
+    expected = np.full((16, 16), -MASK_LOGIT, np.float32)
+    expected[2:6, 3:10] = MASK_LOGIT
+    np.testing.assert_array_equal(logits[0], expected)
+    assert MASK_LOGIT == pytest.approx(6.9068, abs=1e-4)
+    # ...and the model's bilinear upscaling gives the same mask back, except the four convex
+    # corner pixels (inside weight 0.625**2 < 0.5: inherent to bilinear upscaling).
+    back = _round_trip(mask, 64)
+    assert sorted(zip(*np.nonzero(back != mask))) == [(8, 12), (8, 39), (23, 12), (23, 39)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "preprocessing"),
+    [((100, 150), 256, "sam"), ((150, 100), 256, "sam"), ((300, 220), 128, "medsam")],
+)
+def test_mask_input_round_trip_through_the_predictor_frame(shape, size, preprocessing):
+    mask = _ellipse(shape, (0.45 * shape[0], 0.55 * shape[1]), (0.25 * shape[0], 0.3 * shape[1]))
+    back = _round_trip(mask, size, preprocessing)
+    iou = (back & mask).sum() / (back | mask).sum()
+    assert iou > 0.93
+    # Errors only at the boundary: within one low-res cell (4 encoder pixels) of it.
+    cell = 4 * max(shape) / size
+    from scipy import ndimage
+
+    far_inside = ndimage.binary_erosion(mask, iterations=int(np.ceil(cell)) + 1)
+    far_outside = ~ndimage.binary_dilation(mask, iterations=int(np.ceil(cell)) + 1)
+    assert back[far_inside].all() and not back[far_outside].any()
+
+
+def test_mask_input_padding_is_background():
+    # A full slice fills only the resized part of the frame; the padding stays "outside".
+    mask = np.ones((64, 128), bool)
+    logits = mask_to_mask_input(mask, ResizeLongestSide(128), (64, 128))[0]
+    assert logits.shape == (32, 32)
+    assert (logits[:16] > 0).all() and (logits[16:] < 0).all()
+
+
+def test_mask_input_rejects_wrong_shapes():
+    with pytest.raises(ValueError, match="does not match the slice size"):
+        mask_to_mask_input(np.zeros((10, 12), bool), ResizeLongestSide(64), (12, 10))
+    with pytest.raises(ValueError, match="2D"):
+        mask_to_mask_input(np.zeros((2, 10, 12), bool), ResizeLongestSide(64), (10, 12))
+
+
+def test_mask_to_box():
+    mask = np.zeros((20, 30), bool)
+    mask[3:8, 10:21] = True
+    mask[15, 2] = True
+    np.testing.assert_array_equal(mask_to_box(mask), [2, 3, 20, 15])
+    assert mask_to_box(np.zeros((5, 5), bool)) is None
+
+
+def test_mask_to_points_deepest_first_and_spread():
+    mask = _ellipse((80, 120), (40, 30), (20, 20)) | _ellipse((80, 120), (40, 95), (12, 12))
+    one = mask_to_points(mask, 1)
+    np.testing.assert_array_equal(one, [[30, 40]])  # (x, y) of the large disc's centre
+    two = mask_to_points(mask, 2)
+    np.testing.assert_array_equal(two, [[30, 40], [95, 40]])  # then the small disc
+    many = mask_to_points(mask, 6)
+    assert len(many) == 6 and len({tuple(p) for p in many.tolist()}) == 6
+    assert mask[many[:, 1].astype(int), many[:, 0].astype(int)].all()
+
+
+def test_mask_to_points_edge_cases():
+    assert mask_to_points(np.zeros((5, 5), bool), 3).shape == (0, 2)
+    single = np.zeros((5, 5), bool)
+    single[0, 4] = True  # touching the slice border: the border counts as outside
+    np.testing.assert_array_equal(mask_to_points(single, 3), [[4, 0]])
+    with pytest.raises(ValueError, match="at least 1"):
+        mask_to_points(single, 0)
