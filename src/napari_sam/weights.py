@@ -189,6 +189,10 @@ def _unavailable(spec: ModelSpec, dest: Path, url: str | None, reason: str) -> s
     )
 
 
+class _CacheWriteError(OSError):
+    """Writing to the cache folder failed: a local problem, not a network one."""
+
+
 @contextmanager
 def _temporary_beside(dest: Path) -> Iterator[Path]:
     """A temporary file in ``dest``'s folder, deleted unless the body moved it away."""
@@ -309,7 +313,14 @@ def _stream(
                     chunk = response.read(_CHUNK)
                     if not chunk:
                         break
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        raise _CacheWriteError(
+                            exc.errno,
+                            f"cannot write the download to {tmp.parent} ({exc.strerror}); free "
+                            f"some space or point {CACHE_ENV} at another folder",
+                        ) from None
                     digest.update(chunk)
                     done += len(chunk)
                     if bar is not None:
@@ -322,6 +333,8 @@ def _stream(
                         spec, dest, url, f"the transfer stopped after {done} of {length} bytes"
                     )
                 )
+    except _CacheWriteError:
+        raise
     except urllib.error.HTTPError as exc:
         raise WeightsUnavailableError(
             _unavailable(spec, dest, url, f"HTTP {exc.code} {exc.reason}")
