@@ -180,27 +180,29 @@ def _slope_inter(img: nib.Nifti1Image) -> tuple[float, float]:
     return 1.0, 0.0  # an in-memory array holds final values
 
 
-def _read_voxels(img: nib.Nifti1Image, volume: int | None) -> np.ndarray:
-    """Voxel array in file order: on-disk dtype if unscaled, float32 if scl_slope/inter apply."""
+def _read_voxels(img: nib.Nifti1Image, volume: int | None) -> tuple[np.ndarray, float, float]:
+    """Voxel array in file order and the scaling still to apply to it (slope, intercept)."""
     proxy = img.dataobj
+    if volume is not None:
+        # Slicing reads only this volume, already scaled (float64 if scaling applies).
+        return np.asarray(proxy[:, :, :, volume]), 1.0, 0.0
     slope, inter = _slope_inter(img)
-    scaled = slope != 1.0 or inter != 0.0
-    if volume is None:
-        raw = np.asarray(proxy.get_unscaled() if nib.is_proxy(proxy) else proxy)
-        if scaled:
-            # Scale in float32 in place: no float64 copy of a big CT.
-            out = raw.astype(np.float32)
-            out *= np.float32(slope)
-            out += np.float32(inter)
-            return out
-    else:
-        # Slicing reads only this volume (nibabel scales it in float64: one volume at a time).
-        raw = np.asarray(proxy[:, :, :, volume])
-        if scaled:
-            return raw.astype(np.float32)
-    if not raw.dtype.isnative:
-        raw = raw.astype(raw.dtype.newbyteorder("="))
-    return raw
+    return np.asarray(proxy.get_unscaled() if nib.is_proxy(proxy) else proxy), slope, inter
+
+
+def _materialise(view: np.ndarray, slope: float, inter: float, scaled: bool) -> np.ndarray:
+    """Contiguous copy of a reoriented view, cast and scaled in one pass.
+
+    Scaled data becomes float32, scaled in place: a 512 x 512 x 300 CT never exists as float64.
+    """
+    dtype = np.dtype(np.float32) if scaled else view.dtype.newbyteorder("=")
+    out = np.empty(view.shape, dtype=dtype)
+    np.copyto(out, view, casting="unsafe")
+    if slope != 1.0:
+        out *= np.float32(slope)
+    if inter != 0.0:
+        out += np.float32(inter)
+    return out
 
 
 def _unpack_rgb(raw: np.ndarray) -> np.ndarray:
@@ -266,7 +268,7 @@ def from_image(
     if on_disk.kind == "c":
         raise NiftiError(f"complex voxel data ({on_disk}) is not supported")
     rgb = on_disk.names is not None
-    raw = _read_voxels(img, volume)
+    raw, slope, inter = _read_voxels(img, volume)
     raw = raw.reshape(file_shape[:3] if volume is not None else file_shape[:ndim])
     if rgb:
         raw = _unpack_rgb(raw)
@@ -296,7 +298,8 @@ def from_image(
         data = np.moveaxis(data, 3, 0)
         scale = (1.0, *scale)
         translate = (0.0, *translate)
-    data = np.ascontiguousarray(data)
+    file_slope, file_inter = _slope_inter(img)
+    data = _materialise(data, slope, inter, scaled=file_slope != 1.0 or file_inter != 0.0)
 
     qform_code = int(header["qform_code"])
     sform_code = int(header["sform_code"])
@@ -312,8 +315,8 @@ def from_image(
         "sform_code": sform_code,
         "dtype": on_disk.str if not rgb else str(on_disk),
         "shape": file_shape,
-        "scl_slope": _slope_inter(img)[0],
-        "scl_inter": _slope_inter(img)[1],
+        "scl_slope": file_slope,
+        "scl_inter": file_inter,
         "volume": volume,
         "n_volumes": n_volumes,
         "time_first": time_first,
