@@ -317,7 +317,7 @@ def from_image(
         "shape": file_shape,
         "scl_slope": file_slope,
         "scl_inter": file_inter,
-        "volume": volume,
+        "volume": None if volume is None else int(volume),
         "n_volumes": n_volumes,
         "time_first": time_first,
         "squeeze_axis": squeeze_axis,
@@ -418,7 +418,7 @@ def _labels_to_file(labels: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
         )
     if meta.get("squeeze_axis") is not None:
         labels = np.expand_dims(labels, int(meta["squeeze_axis"]))
-    arr = ornt_mod.apply_orientation(labels, _inverse(meta["ornt"]))
+    arr = ornt_mod.apply_orientation(labels, _inverse(np.asarray(meta["ornt"])))
     if meta.get("squeeze_axis") is not None:
         arr = arr[:, :, 0, ...]
     return arr
