@@ -737,15 +737,20 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
 # Loading into a model
 
 
-def load_state_dict_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+def load_state_dict_into(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, assign: bool = False
+) -> None:
     """Copy a state dict into ``model``, strictly.
 
     Only MobileSAM's unused classifier head (``image_encoder.norm_head.*``,
     ``image_encoder.head.*``) may be present without a place in the model; any other missing,
     unexpected or differently shaped tensor raises a ValueError that names a few of them and
     the model type the file looks like.
-    """
 
+    ``assign=True`` makes the model's parameters *be* the given tensors (cast to the model's
+    dtypes) instead of copying into them: no second copy of the weights, no copy time. Use it
+    only for a state dict nobody else holds, such as one just read from a file.
+    """
     expected = model.state_dict()
     state = {
         k: v
@@ -774,7 +779,12 @@ def load_state_dict_into(model: torch.nn.Module, state_dict: Mapping[str, torch.
         raise ValueError(
             f"the weights do not fit {target}: {'; '.join(parts)}. {_looks_like(state_dict)}"
         )
-    model.load_state_dict(state, strict=True)
+    if assign:
+        if all(t.device.type == "cpu" for t in expected.values()):
+            state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+        else:
+            assign = False  # a model already on a GPU keeps its own storage
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def _looks_like(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -901,6 +911,6 @@ def load_model(
     spec = _spec_for_file(state, embedded, wanted, path)
     target = resolve_device(device)
     model = build_sam(spec)
-    load_state_dict_into(model, state)
+    load_state_dict_into(model, state, assign=True)
     del state
     return model.to(target).eval()
