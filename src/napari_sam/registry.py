@@ -102,7 +102,13 @@ class ModelSpec:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model-spec fields {sorted(unknown)}")
-        return cls(**dict(d))
+        d = dict(d)
+        # JSON turns tuples into lists; restore them so a round trip compares equal.
+        d["encoder_kwargs"] = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in d.get("encoder_kwargs", {}).items()
+        }
+        return cls(**d)
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
@@ -195,7 +201,6 @@ _OFFICIAL = [
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _OFFICIAL}
 DEFAULT_MODEL = "vit_h"  # as in segment_anything's registry ("default" -> vit_h)
-
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -44,7 +44,7 @@ class ResizeLongestSide:
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """Resize an ``H x W x 3`` uint8 image to :meth:`input_size`."""
         h, w = self.input_size(image.shape[:2])
-        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """Map ``... x 2`` coordinates ``(x, y)`` into the encoder frame."""
