@@ -17,6 +17,9 @@ from torch import nn
 
 from napari_sam.models.common import LayerNorm2d, MLPBlock
 
+# Largest relative-position bias built at once, in elements (128 MB in float32).
+MAX_BIAS_ELEMENTS = 2**25
+
 __all__ = [
     "Attention",
     "Block",
@@ -250,12 +253,21 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         # b x n x (3 heads head_dim) -> 3 x b x heads x n x head_dim
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        bias = None
-        if self.use_rel_pos:
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(b, h, w, c)
+        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # The bias is (heads x N x N) per image: 1 GB for a ViT-H global block at 1024 px.
+            # Building it for a few heads at a time bounds the peak memory, for any batch size.
+            n = h * w
+            step = max(1, MAX_BIAS_ELEMENTS // (n * n))
+            chunks = []
+            for start in range(0, b * self.num_heads, step):
+                sl = slice(start, start + step)
+                bias = decomposed_rel_pos_bias(q[sl], self.rel_pos_h, self.rel_pos_w, (h, w))
+                chunks.append(F.scaled_dot_product_attention(q[sl], k[sl], v[sl], attn_mask=bias))
+            out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         return self.proj(out)
 
 
