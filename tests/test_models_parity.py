@@ -180,6 +180,25 @@ def test_image_encoder_parity_bias_in_chunks(small_pair, monkeypatch):
         assert _max_diff(ours.image_encoder(x), ref.image_encoder(x)) <= EMBED_TOL
 
 
+def test_image_encoder_gradients_match_reference(small_pair):
+    """Training goes through SDPA with a bias that needs gradients (rel-pos tables)."""
+    ours, ref = small_pair
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 3, 256, 256, generator=gen)
+    weight = torch.randn(1, 256, 16, 16, generator=gen)
+    grads = []
+    for model in (ours, ref):
+        model.zero_grad()
+        (model.image_encoder(x) * weight).sum().backward()
+        grads.append({k: p.grad for k, p in model.image_encoder.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys()
+    for key in ("blocks.0.attn.rel_pos_h", "blocks.1.attn.rel_pos_w", "blocks.0.attn.qkv.weight"):
+        scale = grads[1][key].abs().max().item()
+        assert scale > 0, key
+        assert _max_diff(grads[0][key], grads[1][key]) <= 1e-4 * max(1.0, scale), key
+
+
 def test_relative_positions_matter(small_pair):
     """Guard against a parity test that passes because the rel-pos path is inert."""
     ours, _ = small_pair
