@@ -1,0 +1,248 @@
+"""napari layers whose contents are SAM prompts.
+
+Each prompt kind is one napari layer wrapped by a :class:`PromptLayer`: it tells its owner when a
+prompt was added, moved or removed (napari's past-tense data events, so a rectangle counts once
+the mouse is released) and turns its shapes on one slice into SAM's prompt arrays. Coordinates go
+world -> the image layer's data coordinates (``data_to_world`` then ``world_to_data``), so layers
+with their own scale or translate, and anisotropic volumes, give the right pixels.
+
+- :class:`PointPrompts`: positive and negative clicks in a Points layer; the sign lives in the
+  ``sign`` feature ("positive"/"negative"), new points take ``feature_defaults``; T toggles it.
+- :class:`BoxPrompts`: rectangles in a Shapes layer are boxes; an ellipse or polygon gives its
+  bounding box plus the drawn region as a dense mask prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from skimage.draw import ellipse as draw_ellipse
+from skimage.draw import polygon as draw_polygon
+
+from napari_sam._napari._slicing import SliceFrame
+
+__all__ = ["BoxPrompts", "PointPrompts", "PromptLayer", "SlicePrompts"]
+
+POSITIVE_COLOR = "lime"
+NEGATIVE_COLOR = "magenta"
+BOX_COLOR = "yellow"
+_PAST_TENSE = {"added", "changed", "removed"}
+
+
+@dataclass
+class SlicePrompts:
+    """SAM prompts on one slice, in that slice's pixel frame.
+
+    Attributes
+    ----------
+    points : ndarray, shape (N, 2)
+        ``(x, y)`` = (column, row) of each click, in pixels.
+    labels : ndarray, shape (N,)
+        1 for a positive click, 0 for a negative one.
+    box : ndarray, shape (4,), or None
+        ``x0, y0, x1, y1`` in pixels.
+    mask : ndarray of bool, shape (H, W), or None
+        A drawn region (ellipse or polygon), used as a dense prompt.
+    """
+
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    box: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    @property
+    def empty(self) -> bool:
+        return len(self.points) == 0 and self.box is None and self.mask is None
+
+    def _region_key(self) -> tuple:
+        box = None if self.box is None else tuple(np.round(self.box, 3))
+        mask = None if self.mask is None else hash(np.packbits(self.mask).tobytes())
+        return box, mask
+
+    def key(self) -> tuple:
+        """A hashable signature: equal keys mean equal prompts."""
+        pts = tuple(map(tuple, np.round(self.points, 3)))
+        return (pts, tuple(self.labels.tolist()), *self._region_key())
+
+    def extends(self, other: SlicePrompts) -> bool:
+        """True if these prompts are ``other`` plus more clicks (nothing moved or removed):
+        then the mask SAM gave for ``other`` is a sound dense prompt for these."""
+        n = len(other.points)
+        if len(self.points) <= n or self._region_key() != other._region_key():
+            return False
+        return SlicePrompts(self.points[:n], self.labels[:n], self.box, self.mask).key() == (
+            other.key()
+        )
+
+
+def _to_image_data(layer, image, data: np.ndarray) -> np.ndarray:
+    """Data coordinates of ``layer`` -> data coordinates of ``image`` (through world space)."""
+    out = np.empty((len(data), image.ndim))
+    for i, p in enumerate(np.asarray(data, dtype=float)):
+        out[i] = image.world_to_data(layer.data_to_world(p))
+    # Two affine maps leave float noise (54.99999999); a click on a pixel centre stays on it.
+    return np.round(out, 6)
+
+
+class PromptLayer:
+    """Base class: one napari layer holding prompts of one kind.
+
+    Parameters
+    ----------
+    layer : napari layer
+        The layer, already in the viewer, with the image's dimensionality.
+    on_change : callable
+        Called with ``(self, action)`` after prompts were added, changed or removed.
+    """
+
+    def __init__(self, layer, on_change: Callable[[PromptLayer, str], None]) -> None:
+        self.layer = layer
+        self._on_change = on_change
+        layer.events.data.connect(self._on_data)
+
+    def _on_data(self, event) -> None:
+        action = str(getattr(event, "action", "changed"))
+        if action in _PAST_TENSE:
+            self._on_change(self, action)
+
+    def disconnect(self) -> None:
+        self.layer.events.data.disconnect(self._on_data)
+
+    def clear(self) -> None:
+        """Remove every prompt (one "removed" event)."""
+        raise NotImplementedError
+
+    def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
+        """Add this layer's prompts on slice ``index`` to ``prompts``."""
+        raise NotImplementedError
+
+    def on_slice(self, image, frame: SliceFrame) -> set[int]:
+        """The slice indices that hold at least one of this layer's prompts."""
+        raise NotImplementedError
+
+
+class PointPrompts(PromptLayer):
+    """Positive and negative clicks in a Points layer (sign in the ``sign`` feature)."""
+
+    @staticmethod
+    def make_layer(ndim: int, *, size: float, **geometry):
+        from napari.layers import Points
+
+        return Points(
+            np.zeros((0, ndim)),
+            ndim=ndim,
+            name="SAM points",
+            features={"sign": np.array([], dtype=object)},
+            feature_defaults={"sign": "positive"},
+            face_color="sign",
+            face_color_cycle={"positive": POSITIVE_COLOR, "negative": NEGATIVE_COLOR},
+            border_color="white",
+            border_width=0.1,
+            size=size,
+            **geometry,
+        )
+
+    @property
+    def positive(self) -> bool:
+        """The sign the next point gets."""
+        return str(self.layer.feature_defaults["sign"].iloc[0]) == "positive"
+
+    def toggle(self) -> bool:
+        """Flip the sign of the points added from now on; return it (True = positive).
+
+        Points already placed keep their sign (a freshly added point is selected in napari, so
+        flipping the selection would flip the click just made)."""
+        sign = "negative" if self.positive else "positive"
+        self.layer.feature_defaults = {"sign": sign}
+        self.layer.current_face_color = POSITIVE_COLOR if sign == "positive" else NEGATIVE_COLOR
+        return sign == "positive"
+
+    def clear(self) -> None:
+        if len(self.layer.data):
+            self.layer.selected_data = set(range(len(self.layer.data)))
+            self.layer.remove_selected()
+
+    def _located(self, image, frame: SliceFrame):
+        coords = _to_image_data(self.layer, image, self.layer.data)
+        signs = [str(s) for s in self.layer.features["sign"]] if len(coords) else []
+        for p, s in zip(coords, signs):
+            where = frame.locate(p)
+            if where is not None:
+                yield where, s
+
+    def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
+        pts, labels = [], []
+        for (i, row, col), sign in self._located(image, frame):
+            if i == index:
+                pts.append((col, row))
+                labels.append(1 if sign == "positive" else 0)
+        if pts:
+            prompts.points = np.concatenate([prompts.points, np.asarray(pts, float)])
+            prompts.labels = np.concatenate([prompts.labels, np.asarray(labels, int)])
+
+    def on_slice(self, image, frame: SliceFrame) -> set[int]:
+        return {i for (i, _, _), _ in self._located(image, frame)}
+
+
+class BoxPrompts(PromptLayer):
+    """Rectangles (boxes), ellipses and polygons (box + dense mask) in a Shapes layer.
+
+    SAM takes one box per object, so on a slice with several shapes the newest one counts.
+    """
+
+    @staticmethod
+    def make_layer(ndim: int, **geometry):
+        from napari.layers import Shapes
+
+        layer = Shapes(
+            ndim=ndim,
+            name="SAM boxes",
+            edge_color=BOX_COLOR,
+            face_color="transparent",
+            edge_width=2,
+            **geometry,
+        )
+        return layer
+
+    def clear(self) -> None:
+        if self.layer.nshapes:
+            self.layer.selected_data = set(range(self.layer.nshapes))
+            self.layer.remove_selected()
+
+    def _located(self, image, frame: SliceFrame):
+        for verts, kind in zip(self.layer.data, self.layer.shape_type):
+            if kind not in ("rectangle", "ellipse", "polygon"):
+                continue
+            where = [frame.locate(p) for p in _to_image_data(self.layer, image, verts)]
+            if any(w is None for w in where) or len({w[0] for w in where}) != 1:
+                continue
+            rc = np.array([(r, c) for _, r, c in where])
+            yield where[0][0], kind, rc
+
+    def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
+        last = None
+        for i, kind, rc in self._located(image, frame):
+            if i == index:
+                last = kind, rc
+        if last is None:
+            return
+        kind, rc = last
+        h, w = frame.slice_shape
+        (r0, c0), (r1, c1) = rc.min(axis=0), rc.max(axis=0)
+        prompts.box = np.clip(np.array([c0, r0, c1, r1], float), 0, [w - 1, h - 1, w - 1, h - 1])
+        if kind == "rectangle":
+            return
+        mask = np.zeros((h, w), bool)
+        if kind == "ellipse":
+            rr, cc = draw_ellipse(
+                (r0 + r1) / 2, (c0 + c1) / 2, (r1 - r0) / 2, (c1 - c0) / 2, shape=(h, w)
+            )
+        else:
+            rr, cc = draw_polygon(rc[:, 0], rc[:, 1], shape=(h, w))
+        mask[rr, cc] = True
+        prompts.mask = mask if mask.any() else None
+
+    def on_slice(self, image, frame: SliceFrame) -> set[int]:
+        return {i for i, _, _ in self._located(image, frame)}
