@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,6 +198,7 @@ def test_padding_point_has_no_position(small_sam):
         ((torch.zeros(1, 2, 2), torch.zeros(1, 3)), None, None, "labels"),
         ((torch.zeros(1, 1, 2), torch.tensor([[5]])), None, None, "foreground"),
         (None, torch.zeros(2, 3), None, "B x 4"),
+        (None, torch.zeros(2, 2, 4), None, "one per prompt set"),
         (None, None, torch.zeros(1, 1, 256, 256), "1 x 64 x 64"),
         ((torch.zeros(2, 1, 2), torch.ones(2, 1)), torch.zeros(3, 4), None, "disagree"),
     ],
@@ -339,3 +342,26 @@ def test_sam_forward_outputs(small_sam):
     del bad["point_labels"]
     with pytest.raises(ValueError, match="point_labels"):
         small_sam([bad], multimask_output=True)
+
+
+def test_bfloat16_model_runs_end_to_end(small_sam):
+    """Half-precision weights: inputs and positions are cast, outputs stay close to float32."""
+    low = copy.deepcopy(small_sam).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(7)
+    batched = [
+        {
+            "image": 255 * torch.rand(3, 256, 200, generator=gen),
+            "original_size": (256, 200),
+            "point_coords": torch.tensor([[[60.0, 70.0], [120.0, 90.0]]]),
+            "point_labels": torch.tensor([[1, 0]]),
+            "boxes": torch.tensor([[20.0, 30.0, 150.0, 180.0]]),
+            "mask_inputs": torch.randn(1, 1, 64, 64, generator=gen),
+        }
+    ]
+    ref = small_sam(batched, multimask_output=True)[0]
+    out = low(batched, multimask_output=True)[0]
+    assert out["low_res_logits"].dtype == torch.bfloat16
+    assert out["masks"].shape == ref["masks"].shape
+    assert (out["iou_predictions"].float() - ref["iou_predictions"]).abs().max() < 0.1
+    agree = (out["masks"] == ref["masks"]).float().mean().item()
+    assert agree > 0.9

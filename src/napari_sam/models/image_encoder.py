@@ -136,7 +136,7 @@ class ImageEncoderViT(nn.Module):
                 f"image encoder expects a B x {expected[0]} x {expected[1]} x {expected[2]} "
                 f"tensor (preprocess the image with Sam.preprocess first), got {tuple(x.shape)}"
             )
-        x = self.patch_embed(x)
+        x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))
         if self.pos_embed is not None:
             x = x + self.pos_embed
         for block in self.blocks:

@@ -91,17 +91,18 @@ class PromptEncoder(nn.Module):
             ``B x embed_dim x E x E``.
         """
         bs = self._batch_size(points, boxes, masks)
-        device = self.point_embeddings[0].weight.device
-        tokens = [torch.empty((bs, 0, self.embed_dim), device=device)]
+        weight = self.no_mask_embed.weight
+        tokens = [weight.new_empty((bs, 0, self.embed_dim))]
         if points is not None:
             coords, labels = points
             tokens.append(self._embed_points(coords, labels, pad=boxes is None))
         if boxes is not None:
             tokens.append(self._embed_boxes(boxes))
-        sparse = torch.cat(tokens, dim=1)
+        # Positions are encoded in float32; the tokens take the dtype of the weights.
+        sparse = torch.cat(tokens, dim=1).to(self.no_mask_embed.weight.dtype)
 
         if masks is not None:
-            dense = self.mask_downscaling(masks)
+            dense = self.mask_downscaling(masks.to(self.no_mask_embed.weight.dtype))
         else:
             dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
                 bs, -1, *self.image_embedding_size
@@ -128,9 +129,13 @@ class PromptEncoder(nn.Module):
                 )
             sizes["points"] = coords.shape[0]
         if boxes is not None:
-            if boxes.shape[-1] != 4 or boxes.ndim not in (2, 3) or boxes.numel() % 4:
-                raise ValueError(f"boxes must be B x 4 (x0, y0, x1, y1), got {tuple(boxes.shape)}")
-            sizes["boxes"] = boxes.numel() // 4
+            one_per_set = boxes.ndim == 2 or (boxes.ndim == 3 and boxes.shape[1] == 1)
+            if not one_per_set or boxes.shape[-1] != 4:
+                raise ValueError(
+                    f"boxes must be B x 4 (x0, y0, x1, y1), one per prompt set, "
+                    f"got {tuple(boxes.shape)}"
+                )
+            sizes["boxes"] = boxes.shape[0]
         if masks is not None:
             expected = (1, *self.mask_input_size)
             if masks.ndim != 4 or tuple(masks.shape[1:]) != expected:
@@ -193,9 +198,12 @@ class PositionEmbeddingRandom(nn.Module):
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
         """Encode ``... x 2`` coordinates in [0, 1] to ``... x 2 num_pos_feats``."""
-        projected = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix
+        # Always float32: half precision would blur the positions of a 1024 px frame.
+        matrix = self.positional_encoding_gaussian_matrix
+        projected = (2 * coords - 1) @ matrix.to(torch.float32)
         projected = 2 * math.pi * projected
-        return torch.cat([torch.sin(projected), torch.cos(projected)], dim=-1)
+        encoded = torch.cat([torch.sin(projected), torch.cos(projected)], dim=-1)
+        return encoded.to(matrix.dtype)
 
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Encode the centres of an ``H x W`` grid: ``2 num_pos_feats x H x W``."""

@@ -139,7 +139,8 @@ class Sam(nn.Module):
                 f"expected an image tensor 3 x h x w or B x 3 x h x w, got {tuple(x.shape)}"
             )
         h, w = x.shape[-2:]
-        x = x.to(self.pixel_mean.dtype)
+        # float32 whatever the model's dtype: the encoder casts its input to its own.
+        x = x.to(torch.float32)
         if self.is_medsam:
             if (h, w) != (s, s):
                 raise ValueError(
@@ -154,7 +155,7 @@ class Sam(nn.Module):
                 f"image of {h} x {w} is larger than the model input {s} x {s}: resize its "
                 "longest side to the model's image_size first"
             )
-        x = (x - self.pixel_mean) / self.pixel_std
+        x = (x - self.pixel_mean.float()) / self.pixel_std.float()
         return F.pad(x, (0, s - w, 0, s - h))
 
     def postprocess_masks(
