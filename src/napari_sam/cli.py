@@ -12,6 +12,8 @@ from collections.abc import Sequence
 COMMANDS = [
     "napari_sam.commands.models",
     "napari_sam.commands.view",
+    "napari_sam.commands.segment",
+    "napari_sam.commands.embed",
 ]
 
 
