@@ -7,6 +7,7 @@ Coordinates follow ``segment_anything``: ``(x, y)`` = (column, row) in pixels of
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -72,14 +73,39 @@ def mask_to_mask_input(
     if side % 4:
         raise ValueError(f"the transform's target length must be a multiple of 4, got {side}")
     h, w = transform.input_size(original_size)
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    if (h, w) != original_size:
-        # antialias: a large mask shrunk to the encoder's frame keeps its area fractions.
-        t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    t = F.pad(t, (0, side - w, 0, side - h))
-    fraction = F.avg_pool2d(t, kernel_size=4)[0]
+    # Resizing is separable, so resize + pad + block average is one small matrix per axis:
+    # the same numbers as doing it on the image, without building the S x S intermediate.
+    rows = _resample_matrix(original_size[0], int(h), side)
+    cols = _resample_matrix(original_size[1], int(w), side)
+    box = mask_to_box(mask)
+    if box is None:
+        return np.full((1, side // 4, side // 4), -MASK_LOGIT, dtype=np.float32)
+    c0, r0, c1, r1 = (int(v) for v in box)  # empty rows and columns add nothing
+    crop = torch.from_numpy(np.ascontiguousarray(mask[r0 : r1 + 1, c0 : c1 + 1], np.float32))
+    fraction = rows[:, r0 : r1 + 1] @ crop @ cols[:, c0 : c1 + 1].T
     logits = torch.where(fraction >= 0.5, MASK_LOGIT, -MASK_LOGIT)
-    return logits.numpy().astype(np.float32, copy=False)
+    return logits[None].numpy().astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _resample_matrix(n_in: int, n_out: int, side: int) -> torch.Tensor:
+    """``(side / 4, n_in)`` matrix: resize ``n_in -> n_out`` samples as the image is resized
+    (bilinear, antialiased when shrinking), zero-pad to ``side``, average blocks of 4.
+
+    Memoised (a pure function of three integers, read-only results): every slice of a volume
+    has the same size.
+    """
+    weights = torch.eye(n_in)
+    if n_out != n_in:
+        weights = F.interpolate(
+            weights[None, None],
+            size=(n_out, n_in),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0, 0]
+    weights = F.pad(weights, (0, 0, 0, side - n_out))
+    return weights.reshape(side // 4, 4, n_in).mean(dim=1)
 
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray | None:
@@ -123,15 +149,21 @@ def mask_to_points(mask: np.ndarray, n: int = 1) -> np.ndarray:
     mask = _as_mask(mask)
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    rows, cols = np.indices(mask.shape, sparse=True)
+    box = mask_to_box(mask)
+    if box is None:
+        return np.zeros((0, 2), np.float32)
+    # Only the bounding box matters: the nearest background pixel of any pixel inside it lies
+    # in the box or in the one-pixel ring around it (the padding).
+    c0, r0, c1, r1 = (int(v) for v in box)
+    crop = mask[r0 : r1 + 1, c0 : c1 + 1]
+    depth = ndimage.distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
+    rows, cols = np.indices(crop.shape, sparse=True)
     points = []
     for _ in range(n):
-        flat = int(np.argmax(depth))
-        r, c = divmod(flat, mask.shape[1])
+        r, c = divmod(int(np.argmax(depth)), crop.shape[1])
         radius = depth[r, c]
         if radius <= 0:
             break
-        points.append((c, r))
+        points.append((c + c0, r + r0))
         depth[(rows - r) ** 2 + (cols - c) ** 2 < max(radius / 2, 1.0) ** 2] = 0
     return np.array(points, dtype=np.float32).reshape(-1, 2)
