@@ -375,7 +375,7 @@ def test_propagation_is_one_undo_step(make_widget, qtbot):
     for z in range(8):
         expected = seed if 1 <= z <= 6 else np.zeros_like(seed)
         np.testing.assert_array_equal(labels.data[z], expected, err_msg=f"slice {z}")
-    assert "Propagated through 5 slice(s)" in widget.status.text()
+    assert "Propagation done: 5 slice(s) changed" in widget.status.text()
 
     labels.undo()  # the whole propagation at once; the commit stays
     np.testing.assert_array_equal(labels.data[3], seed)
@@ -504,6 +504,30 @@ def test_console_gets_the_widget_and_session(make_widget, qtbot):
         names.update({k: v() if isinstance(v, weakref.ref) else v for k, v in item.items()})
     assert names["sam_widget"] is widget
     assert names["sam_session"] is widget.console_session
+
+
+def test_real_key_presses_on_the_canvas(make_widget, qtbot):
+    """Keys typed into napari's canvas reach the widget, also over layer defaults."""
+    from qtpy.QtCore import Qt
+
+    viewer, _image, widget = make_widget(VOLUME)
+    canvas = viewer.window._qt_viewer.canvas.native
+    viewer.layers.selection.active = widget.boxes_layer
+    qtbot.keyClick(canvas, Qt.Key.Key_T)  # Shapes' own T would switch to path mode
+    assert widget.boxes_layer.mode == "add_rectangle"
+    assert "negative" in widget.sign_button.text()
+    qtbot.keyClick(canvas, Qt.Key.Key_T)
+
+    viewer.dims.set_current_step(0, 2)
+    viewer.layers.selection.active = widget.points_layer
+    widget.points_layer.add([2, 20, 20])
+    settle(qtbot, widget)
+    qtbot.keyClick(canvas, Qt.Key.Key_C)
+    assert (widget.labels_layer.data[2] == 1).sum() == disc((48, 64), 20, 20, 2 * R).sum()
+    qtbot.keyClick(canvas, Qt.Key.Key_S, Qt.KeyboardModifier.ShiftModifier)
+    assert widget.jobs.name == "propagate"
+    settle(qtbot, widget)
+    assert all(widget.labels_layer.data[z].any() for z in range(8))
 
 
 def test_keys_are_bound_on_viewer_and_prompt_layers(make_widget, qtbot):

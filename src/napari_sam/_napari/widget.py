@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -169,7 +170,7 @@ class SamWidget(QWidget):
         self._propagation: _Propagation | None = None
         self._download_cancel = threading.Event()
         self._download_progress: tuple[int, int | None] = (0, None)
-        self._console_session = None
+        self._job_error: BaseException | None = None
 
         self._build_ui()
         self._connect()
@@ -773,6 +774,7 @@ class SamWidget(QWidget):
             single_click and mask_input is None,
         )
         self._busy(True)
+        self._job_error = None
         self.jobs.start(
             "segment",
             self._segment_job,
@@ -834,7 +836,10 @@ class SamWidget(QWidget):
         self._set_result(result)
 
     def _on_job_error(self, exc: BaseException) -> None:
-        self.set_status(f"{type(exc).__name__}: {exc}", error=True)
+        self._job_error = exc
+        # Our own checks raise ValueError/FileNotFoundError with a message meant for the user.
+        user_error = isinstance(exc, (ValueError, FileNotFoundError))
+        self.set_status(str(exc) if user_error else f"{type(exc).__name__}: {exc}", error=True)
 
     def _on_segment_done(self, aborted: bool) -> None:
         self._busy(False)
@@ -980,12 +985,16 @@ class SamWidget(QWidget):
             return
         labels = self.labels_layer
         problem = self._model_ready_message()
-        seeds = self._seed_masks(labels, frame) if labels is not None else {}
-        if not seeds:
+        if labels is None or tuple(labels.data.shape) != frame.shape:
             problem = "Nothing to propagate: commit a mask (C) on a slice first."
         if problem:
             self.set_status(problem, error=True)
             return
+        key = (frame.axis, frame.fixed)
+        committed = {k: sorted(v) for k, v in self._seeds.get(key, {}).items()}
+        selected = None
+        if self.scope_combo.currentData() == "selected":
+            selected = int(labels.selected_label)
         lo, hi = sorted((self.from_spin.value(), self.to_spin.value()))
         history = contextlib.ExitStack()
         history.enter_context(labels.block_history())
@@ -997,53 +1006,42 @@ class SamWidget(QWidget):
         self.progress.setVisible(True)
         self.cancel_button.setEnabled(True)
         self.propagate_button.setEnabled(False)
-        n_objects = len(seeds)
-        self.set_status(f"Propagating {n_objects} object(s) through slices {lo}-{hi}…")
+        self.set_status(f"Propagating through slices {lo}-{hi}…")
+        self._job_error = None
         self.jobs.start(
             "propagate",
             self._propagate_job,
             self._setup(frame),
             self._engine,
-            seeds,
+            (labels.data, frame, committed, selected),
             (lo, hi),
             on_yield=self._on_job_message,
             on_error=self._on_job_error,
             on_done=self._on_propagation_done,
         )
 
-    def _seed_masks(self, labels, frame: SliceFrame) -> dict[int, dict[int, np.ndarray]]:
-        """label id -> {slice -> mask} from the committed slices, read back from the labels
-        layer so hand edits on those slices count."""
-        committed = self._seeds.get((frame.axis, frame.fixed), {})
-        if self.scope_combo.currentData() == "selected":
-            selected = int(labels.selected_label)
-            committed = {selected: committed.get(selected, set())}
-        seeds: dict[int, dict[int, np.ndarray]] = {}
-        for label, indices in committed.items():
-            masks = {i: np.array(frame.slice_of(labels.data, i) == label) for i in indices}
-            masks = {i: m for i, m in masks.items() if m.any()}
-            if masks:
-                seeds[label] = masks
-        return seeds
-
-    def _propagate_job(self, setup: _Setup, engine: _Engine | None, seeds, slice_range):
+    def _propagate_job(self, setup: _Setup, engine: _Engine | None, seed_source, slice_range):
+        seeds = seed_masks(*seed_source)  # reads the whole labels volume: not on the main thread
+        if not seeds:
+            hint = ", or paint the selected label on a slice" if seed_source[3] else ""
+            raise ValueError(f"Nothing to propagate: commit a mask (C) on a slice first{hint}.")
         engine = yield from self._prepare(setup, engine)
         yield _Adopt(engine)
-        yield "Propagating…"
+        n = sum(len(m) for m in seeds.values())
+        yield f"Propagating {len(seeds)} object(s) from {n} seed slice(s)…"
         yield from self.backend.propagate(
-            engine.cache,
-            engine.predictor,
-            seeds,
-            slice_range=slice_range,
+            engine.cache, engine.predictor, seeds, slice_range=slice_range
         )
 
     def _write_step(self, step: Step) -> None:
         run = self._propagation
         if run is None:
             return
+        changed = 0
         for label, mask in step.masks.items():
-            self._write_mask(run.labels, run.frame, step.index, mask, label, run.mode)
-        run.written.add(step.index)
+            changed += self._write_mask(run.labels, run.frame, step.index, mask, label, run.mode)
+        if changed:
+            run.written.add(step.index)
         self.progress.setRange(0, max(step.total, 1))
         self.progress.setValue(step.done)
         self.set_status(f"Propagating: slice {step.index} ({step.done} of {step.total})…")
@@ -1055,11 +1053,14 @@ class SamWidget(QWidget):
             n = len(run.written)
             if aborted:
                 self.set_status(
-                    f"Propagation cancelled: the {n} finished slice(s) stay "
+                    f"Propagation cancelled: the {n} slice(s) changed so far stay "
                     "(Ctrl+Z in the labels layer removes them)."
                 )
-            elif "Error" not in self.status.text():
-                self.set_status(f"Propagated through {n} slice(s). Ctrl+Z undoes it as one step.")
+            elif self._job_error is None:
+                self.set_status(
+                    f"Propagation done: {n} slice(s) changed. Ctrl+Z in the labels layer undoes "
+                    "it as one step."
+                )
         self._busy(False)
         self.propagate_button.setEnabled(True)
         if self._pending:
@@ -1133,6 +1134,42 @@ class SamWidget(QWidget):
         self._update_download_button()
 
 
+def seed_masks(
+    labels: np.ndarray,
+    frame: SliceFrame,
+    committed: dict[int, list[int]],
+    selected: int | None = None,
+) -> dict[int, dict[int, np.ndarray]]:
+    """The seeds of a propagation: label id -> {slice -> mask}, read from the labels volume.
+
+    Parameters
+    ----------
+    labels : ndarray
+        The target labels layer's data (so hand edits of committed slices count).
+    frame : SliceFrame
+        Which slices.
+    committed : dict
+        Label id -> slices where the widget committed that label.
+    selected : int, optional
+        Propagate only this label; if it was never committed, every slice where it is present
+        (painted by hand) is a seed.
+    """
+    if selected is not None:
+        committed = {selected: committed.get(selected, [])}
+        if not committed[selected] and frame.axis is not None:
+            volume = frame.volume(labels)
+            axes = tuple(a for a in range(volume.ndim) if a != frame.engine_axis)
+            present = np.flatnonzero((volume == selected).any(axis=axes))
+            committed = {selected: present.tolist()}
+    seeds: dict[int, dict[int, np.ndarray]] = {}
+    for label, indices in committed.items():
+        masks = {i: np.array(frame.slice_of(labels, i) == label) for i in indices}
+        masks = {i: m for i, m in masks.items() if m.any()}
+        if masks:
+            seeds[label] = masks
+    return seeds
+
+
 class _ConsoleSession:
     """``sam_session`` in napari's console: the scripting API (:class:`VolumeSession`) on the
     widget's current image, model, window and labels layer, built on first use.
@@ -1170,12 +1207,16 @@ class _ConsoleSession:
                 labels=frame.volume(labels.data),
                 cache=engine.cache,
             )
+            # Objects committed in the widget are objects of the session (e.g. to propagate).
+            for label, indices in w._seeds.get((frame.axis, frame.fixed), {}).items():
+                for index in indices:
+                    self._session.annotate(label, index)
             self._key = key
         return self._session
 
     def __getattr__(self, name: str):
         value = getattr(self._get(), name)
-        if not callable(value):
+        if not inspect.ismethod(value):
             return value
 
         def call(*args, **kwargs):
