@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from napari_sam.models.build import build_sam
 from napari_sam.prompts import MASK_LOGIT, mask_to_box, mask_to_mask_input, mask_to_points
@@ -114,3 +115,26 @@ def test_mask_to_points_edge_cases():
     np.testing.assert_array_equal(mask_to_points(single, 3), [[4, 0]])
     with pytest.raises(ValueError, match="at least 1"):
         mask_to_points(single, 0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "transform"),
+    [
+        ((512, 512), ResizeLongestSide(1024)),
+        ((100, 150), ResizeLongestSide(256)),
+        ((2000, 700), ResizeLongestSide(1024)),
+        ((300, 220), StretchResize(128)),
+    ],
+)
+def test_mask_input_equals_resizing_the_mask_image(shape, transform):
+    # The straightforward way: resize the mask like the image, pad, average 4 x 4 blocks.
+    rng = np.random.default_rng(1)
+    mask = _ellipse(shape, (0.4 * shape[0], 0.5 * shape[1]), (0.3 * shape[0], 0.25 * shape[1]))
+    mask ^= rng.random(shape) < 0.05
+    side = transform.target_length
+    h, w = transform.input_size(shape)
+    img = torch.from_numpy(mask.astype(np.float32))[None, None]
+    img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    frac = F.avg_pool2d(F.pad(img, (0, side - w, 0, side - h)), 4)[0]
+    expected = np.where(frac.numpy() >= 0.5, MASK_LOGIT, -MASK_LOGIT).astype(np.float32)
+    np.testing.assert_array_equal(mask_to_mask_input(mask, transform, shape), expected)
