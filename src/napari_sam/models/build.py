@@ -109,15 +109,9 @@ def _build_encoder(spec: ModelSpec) -> nn.Module:
 
 
 def _load_checkpoint(model: Sam, checkpoint: str | os.PathLike, *, strict: bool) -> None:
-    try:
-        from napari_sam.weights import load_state_dict_into, read_state_dict
-    except ModuleNotFoundError as err:
-        if err.name != "napari_sam.weights":
-            raise
-        # TODO(lead): remove this fallback once napari_sam.weights has landed.
-        state_dict = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
-        model.load_state_dict(state_dict, strict=strict)
-        return
+    # Safe loading (no pickled code), wrappers and prefixes are the weights module's job.
+    from napari_sam.weights import load_state_dict_into, read_state_dict
+
     state_dict, _file_spec = read_state_dict(checkpoint)
     if strict:
         load_state_dict_into(model, state_dict)
