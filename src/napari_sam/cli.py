@@ -15,6 +15,8 @@ COMMANDS = [
     "napari_sam.commands.segment",
     "napari_sam.commands.embed",
     "napari_sam.commands.train",
+    "napari_sam.commands.amg",
+    "napari_sam.commands.export_onnx",
 ]
 
 
