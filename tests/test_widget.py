@@ -480,20 +480,25 @@ def test_model_download_progress_and_cancel(make_widget, qtbot):
     viewer, _image, widget = make_widget(VOLUME, backend=FakeBackend(models=options))
     viewer.dims.set_current_step(0, 0)
     assert widget.download_button.isVisibleTo(widget)
-    widget.points_layer.add([0, 10, 10])
-    assert not widget.jobs.busy and "not downloaded yet" in widget.status.text()
 
-    widget.download_button.click()
+    # The first prompt starts the download in the background; Cancel keeps nothing.
+    widget.points_layer.add([0, 10, 10])
+    assert widget.downloads.busy and not widget.jobs.busy
     qtbot.waitUntil(lambda: widget.download_progress.value() > 0, timeout=5000)
     widget.download_cancel_button.click()
     qtbot.waitUntil(lambda: not widget.downloads.busy, timeout=5000)
     assert "cancelled" in widget.status.text() and widget.backend.downloads == []
+    assert widget._result is None and widget.download_button.isVisibleTo(widget)
 
+    # The Download button: once the model is there, SAM runs on the waiting prompt.
     widget.download_button.click()
     qtbot.waitUntil(lambda: not widget.downloads.busy, timeout=5000)
     assert widget.backend.downloads == ["vit_x"]
     assert widget.model_combo.currentText() == "vit_x — cached"
     assert not widget.download_button.isVisibleTo(widget)
+    widget.points_layer.add([0, 10, 30])
+    settle(qtbot, widget)
+    assert widget.preview_layer.data[0].any()
 
 
 def test_console_gets_the_widget_and_session(make_widget, qtbot):

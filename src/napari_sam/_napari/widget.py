@@ -171,6 +171,7 @@ class SamWidget(QWidget):
         self._download_cancel = threading.Event()
         self._download_progress: tuple[int, int | None] = (0, None)
         self._job_error: BaseException | None = None
+        self._segment_after_download = False
 
         self._build_ui()
         self._connect()
@@ -557,7 +558,10 @@ class SamWidget(QWidget):
             offset = self.viewer.dims.ndim - image.ndim
             names = self.viewer.dims.axis_labels
             for a in range(image.ndim):
-                self.axis_combo.addItem(f"{a} ({names[a + offset]})", a)
+                name = str(names[a + offset])
+                # napari's default axis labels are just negative numbers: not worth showing
+                numeric = name.lstrip("-").isdigit()
+                self.axis_combo.addItem(f"axis {a}" + ("" if numeric else f" ({name})"), a)
             axis, _ = self._layer_axes(image)
             self.axis_combo.setCurrentIndex(self.axis_combo.findData(axis))
         self.axis_combo.blockSignals(False)
@@ -634,7 +638,7 @@ class SamWidget(QWidget):
             )
             self._preview.editable = False
             self._preview_at = None
-            size = max(3.0, max(shape[-2:]) / 60)
+            size = max(3.0, max(shape[-2:]) / 32)  # pixels; visible at any zoom that fits
             boxes = BoxPrompts.make_layer(image.ndim, **geometry)
             points = PointPrompts.make_layer(image.ndim, size=size, **geometry)
             for layer in (self._preview, boxes, points):
@@ -729,9 +733,14 @@ class SamWidget(QWidget):
         if option is not None and not option.cached:
             if option.downloadable:
                 size = "" if option.size_bytes is None else f" ({option.size_bytes / 1e6:,.0f} MB)"
-                return f"{source} is not downloaded yet: press Download{size}."
+                return f"{source} is not downloaded yet: press Download{size} first."
             return f"{source} has no download link: choose its file with Checkpoint…"
         return None
+
+    def _needs_download(self) -> bool:
+        source = self.model_combo.currentData()
+        option = self._model_options.get(source) if isinstance(source, str) else None
+        return option is not None and not option.cached and option.downloadable
 
     def request_segment(self) -> None:
         """Run SAM on the current slice's prompts (in the background)."""
@@ -750,6 +759,13 @@ class SamWidget(QWidget):
         if prompts is None:
             if self._result is not None and self._result.index == index:
                 self._set_result(None)
+            return
+        if self._needs_download():
+            # The first prompt fetches the chosen model (in the background, with Cancel);
+            # SAM runs when it is there.
+            self._segment_after_download = True
+            if not self.downloads.busy:
+                self.download()
             return
         problem = self._model_ready_message()
         if problem:
@@ -1122,6 +1138,7 @@ class SamWidget(QWidget):
             self.download_progress.setRange(0, 0)
 
     def _on_download_error(self, exc: BaseException) -> None:
+        self._segment_after_download = False
         if self.backend.is_cancelled_error(exc):
             self.set_status("Download cancelled; nothing was kept.")
         else:
@@ -1132,6 +1149,9 @@ class SamWidget(QWidget):
         self._set_download_visible(False)
         self._fill_models()
         self._update_download_button()
+        if self._segment_after_download and not self._needs_download():
+            self._segment_after_download = False
+            self.request_segment()
 
 
 def seed_masks(
