@@ -479,6 +479,8 @@ def test_model_download_progress_and_cancel(make_widget, qtbot):
     options = [ModelOption("vit_x", "vit_x — will download 1 MB", False, True, 1_000_000)]
     viewer, _image, widget = make_widget(VOLUME, backend=FakeBackend(models=options))
     viewer.dims.set_current_step(0, 0)
+    widget.set_model(object(), name="mine")  # a model added by hand stays listed throughout
+    widget.model_combo.setCurrentIndex(0)
     assert widget.download_button.isVisibleTo(widget)
 
     # The first prompt starts the download in the background; Cancel keeps nothing.
@@ -495,6 +497,7 @@ def test_model_download_progress_and_cancel(make_widget, qtbot):
     qtbot.waitUntil(lambda: not widget.downloads.busy, timeout=5000)
     assert widget.backend.downloads == ["vit_x"]
     assert widget.model_combo.currentText() == "vit_x — cached"
+    assert widget.model_combo.itemText(1) == "in memory: mine"
     assert not widget.download_button.isVisibleTo(widget)
     widget.points_layer.add([0, 10, 30])
     settle(qtbot, widget)

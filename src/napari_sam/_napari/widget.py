@@ -172,13 +172,14 @@ class SamWidget(QWidget):
         self._download_progress: tuple[int, int | None] = (0, None)
         self._job_error: BaseException | None = None
         self._segment_after_download = False
+        self._model_options: dict[str, Any] = {}  # registry name -> ModelOption
 
         self._build_ui()
         self._connect()
         self._refresh_layer_choices()
-        self._bind_keys(viewer)
+        self._bind_keys(self.viewer)
         self.console_session = _ConsoleSession(self)
-        viewer.update_console({"sam_widget": self, "sam_session": self.console_session})
+        self.viewer.update_console({"sam_widget": self, "sam_session": self.console_session})
 
     # ------------------------------------------------------------------------------------------
     # UI
@@ -429,13 +430,19 @@ class SamWidget(QWidget):
         self._refresh_layer_choices()
 
     def _fill_models(self) -> None:
-        current = self.model_combo.currentData()
+        """(Re)list the registry models with their state; files and models added stay."""
+        combo = self.model_combo
+        current = combo.currentData()
+        items = [(combo.itemText(i), combo.itemData(i)) for i in range(combo.count())]
+        extra = [(t, d) for t, d in items if not (isinstance(d, str) and d in self._model_options)]
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
         self._model_options = {}
         for option in self.backend.model_options():
             self.model_combo.addItem(option.label, option.source)
             self._model_options[option.source] = option
+        for text, source in extra:
+            self.model_combo.addItem(text, source)
         for i in range(self.model_combo.count()):
             if self.model_combo.itemData(i) == current:
                 self.model_combo.setCurrentIndex(i)
@@ -677,10 +684,11 @@ class SamWidget(QWidget):
             **self._geometry(image),
         )
         # Below the prompt layers so clicks keep landing on them.
-        position = min(self.viewer.layers.index(x) for x in self._own_layers())
-        self.viewer.layers.insert(position, layer)
+        own = [self.viewer.layers.index(x) for x in self._own_layers() if x in self.viewer.layers]
+        self.viewer.layers.insert(min(own, default=len(self.viewer.layers)), layer)
         self.labels_combo.setCurrentIndex(self.labels_combo.findData(layer))
-        self.viewer.layers.selection.active = self.points_layer
+        if self.points_layer is not None:
+            self.viewer.layers.selection.active = self.points_layer
         return layer
 
     # ------------------------------------------------------------------------------------------
