@@ -56,16 +56,14 @@ def default_cache_dir() -> Path:
     """Default folder for embedding stores.
 
     ``$NAPARI_SAM_EMBEDDINGS`` when set, else ``embeddings/`` inside the model cache folder
-    (``$NAPARI_SAM_CACHE``, else ``$XDG_CACHE_HOME/napari-sam`` or ``~/.cache/napari-sam``).
+    (:func:`napari_sam.weights.cache_dir`: ``$NAPARI_SAM_CACHE`` or the per-user cache folder).
     """
     explicit = os.environ.get("NAPARI_SAM_EMBEDDINGS")
     if explicit:
         return Path(explicit).expanduser()
-    root = os.environ.get("NAPARI_SAM_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-        root = os.path.join(xdg, "napari-sam")
-    return Path(root).expanduser() / "embeddings"
+    from napari_sam.weights import cache_dir
+
+    return cache_dir() / "embeddings"
 
 
 def volume_fingerprint(volume: np.ndarray) -> str:

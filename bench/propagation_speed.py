@@ -1,0 +1,117 @@
+"""Propagation speed with cached embeddings: one object and three objects through a volume.
+
+The prompt encoder and mask decoder are the same for every SAM model at image size 1024 (vit_b,
+vit_l, vit_h, vit_t), and embeddings come from the cache, so the image encoder never runs here:
+a tiny stand-in encoder keeps the model small. Random weights (seeded): the speed does not
+depend on the weight values; stop rules are switched off so every slice is decoded.
+
+    python bench/propagation_speed.py [--slices 100] [--size 512] [--threads 2]
+
+Prints the time per slice of a bare decoder call (box + dense prompt, masks upscaled to the
+slice size) and of full propagation steps (prompts from the previous mask, decoder, stop checks,
+writing into the labels), for 1 and 3 objects, and the embedding cache's memory bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from napari_sam.models.build import build_sam
+from napari_sam.predictor import SamPredictor
+from napari_sam.prompts import mask_to_box, mask_to_mask_input
+from napari_sam.registry import ModelSpec
+from napari_sam.volume.propagation import propagate, write_masks
+
+SPEC = ModelSpec(
+    name="bench_decoder",
+    encoder="vit",
+    encoder_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 1, "global_attn_indexes": ()},
+    image_size=1024,
+)
+
+
+class MemoryCache:
+    """Embeddings already computed: what ``EmbeddingCache.get`` returns on a memory hit."""
+
+    def __init__(self, num_slices: int, size: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.embeddings = [torch.randn(1, 256, 64, 64, generator=gen) for _ in range(num_slices)]
+        self.slice_shape = (size, size)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def get(self, index: int):
+        return self.embeddings[index], self.slice_shape, (1024, 1024)
+
+
+def discs(size: int) -> list[np.ndarray]:
+    yy, xx = np.mgrid[:size, :size]
+    centres = [(0.4, 0.4, 0.12), (0.65, 0.6, 0.1), (0.3, 0.75, 0.08)]
+    return [
+        (yy - cy * size) ** 2 + (xx - cx * size) ** 2 <= (r * size) ** 2 for cy, cx, r in centres
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    predictor = SamPredictor(build_sam(SPEC))
+    cache = MemoryCache(args.slices, args.size)
+    objects = discs(args.size)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
+        f"(load average {load:.1f}), {args.slices} slices of {args.size}x{args.size}"
+    )
+
+    # A bare decoder call, as the propagation makes it (one prompt set).
+    emb, original, input_size = cache.get(0)
+    predictor.set_image_embedding(emb, original, input_size)
+    dense = torch.as_tensor(mask_to_mask_input(objects[0], predictor.transform, original))[None]
+    box = predictor.transform.apply_boxes_torch(
+        torch.as_tensor(mask_to_box(objects[0]))[None], original
+    )
+    predictor.predict_torch(None, None, box, dense, multimask_output=False)  # warm-up
+    runs = 10
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(runs):
+        predictor.predict_torch(None, None, box, dense, multimask_output=False)
+    wall, cpu = (time.perf_counter() - start) / runs, (time.process_time() - cpu) / runs
+    print(
+        f"bare decoder call (1 object, masks at {args.size}^2): {1000 * wall:.0f} ms "
+        f"(CPU time {1000 * cpu:.0f} ms)"
+    )
+
+    for n in (1, 3):
+        seeds = {k + 1: {0: objects[k]} for k in range(n)}
+        labels = np.zeros((args.slices, args.size, args.size), np.uint16)
+        steps = propagate(cache, predictor, seeds, min_pred_iou=-1e9, min_iou_prev=0.0)
+        start, cpu = time.perf_counter(), time.process_time()
+        done = 0
+        for step in steps:
+            write_masks(labels, step, axis=0)
+            done += 1
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu
+        print(
+            f"{n} object(s): {done} slices in {total:.1f} s = {1000 * total / done:.0f} ms/slice"
+            f" ({1000 * total / done / n:.0f} ms per object-slice; CPU time "
+            f"{1000 * cpu / done:.0f} ms/slice)"
+        )
+    bound = 32 * 256 * 64 * 64 * 4
+    print(f"embedding cache memory bound (default 32 slices x 4 MiB): {bound / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
