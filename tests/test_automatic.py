@@ -5,11 +5,13 @@ two-block ViT) and requires the same number of masks, matched one to one at IoU 
 the same scores, points and crop boxes. Random weights alone give near-identical masks for every
 grid point (one survives NMS), so most parity tests wrap both models' decoders so that each mask
 also carries a disk around its prompt point (radius by mask token): the real prompt encoder,
-decoder, upscaling, filters, crops and NMS run unchanged on masks that differ per point.
+decoder, upscaling, filters, crops and NMS run unchanged on masks that differ per point. Our
+generator decodes through amg_decoder.decode_shared, tested against the model's decoder here.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import types
@@ -22,6 +24,8 @@ from torch import nn
 
 import reference
 from napari_sam import amg_utils as U
+from napari_sam import automatic
+from napari_sam.amg_decoder import decode_shared
 from napari_sam.automatic import (
     AmgProgress,
     SamAutomaticMaskGenerator,
@@ -256,14 +260,27 @@ class _RecordingPromptEncoder(nn.Module):
         return self.inner.get_dense_pe()
 
     def forward(self, points, boxes, masks):
-        self.last_points = points[0][:, 0, :].clone()
+        if points is not None:
+            self.last_points = points[0][:, 0, :].clone()
         return self.inner(points=points, boxes=boxes, masks=masks)
 
 
-class _DiskDecoder(nn.Module):
-    """The real decoder's logits plus disks of three radii around the prompt point."""
+RADII = (0.12, 0.2, 0.32)  # of the encoder frame, one per multimask output
 
-    RADII = (0.12, 0.2, 0.32)  # of the encoder frame, one per multimask output
+
+def _with_disks(logits: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Low-res logits plus disks of three radii around each prompt point (encoder frame)."""
+    side = logits.shape[-1]
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) * (SIZE / side)
+    dx = centres[None, None, :] - points[:, 0, None, None]
+    dy = centres[None, :, None] - points[:, 1, None, None]
+    radii = torch.tensor(RADII[-logits.shape[1] :]) * SIZE
+    disks = 10 * (1 - torch.hypot(dx, dy)[:, None] / radii[None, :, None, None])
+    return 0.3 * logits + disks
+
+
+class _DiskDecoder(nn.Module):
+    """The reference's decoder with :func:`_with_disks` on its logits."""
 
     def __init__(self, inner: nn.Module, prompts: _RecordingPromptEncoder) -> None:
         super().__init__()
@@ -272,19 +289,34 @@ class _DiskDecoder(nn.Module):
 
     def forward(self, **kwargs):
         logits, iou = self.inner(**kwargs)
-        side = logits.shape[-1]
-        centres = (torch.arange(side, dtype=torch.float32) + 0.5) * (SIZE / side)
-        p = self.prompts.last_points
-        dist = torch.hypot(
-            centres[None, None, :] - p[:, 0, None, None],
-            centres[None, :, None] - p[:, 1, None, None],
-        )
-        radii = torch.tensor(self.RADII[-logits.shape[1] :]) * SIZE
-        disks = 10 * (1 - dist[:, None] / radii[None, :, None, None])
-        return 0.3 * logits + disks, iou
+        return _with_disks(logits, self.prompts.last_points), iou
 
 
-def _point_aware(model: nn.Module) -> nn.Module:
+# Our generator decodes with amg_decoder.decode_shared: the disks are added to its output.
+_RECORDERS: dict[int, _RecordingPromptEncoder] = {}
+
+
+@pytest.fixture(autouse=True)
+def _disks_in_shared_decoder(monkeypatch):
+    real = automatic.decode_shared
+
+    def with_disks(mask_decoder, *args, **kwargs):
+        logits, iou = real(mask_decoder, *args, **kwargs)
+        recorder = _RECORDERS.get(id(mask_decoder))
+        if recorder is None:
+            return logits, iou
+        return _with_disks(logits, recorder.last_points), iou
+
+    monkeypatch.setattr(automatic, "decode_shared", with_disks)
+
+
+def _point_aware_ours(model: nn.Module) -> nn.Module:
+    model.prompt_encoder = _RecordingPromptEncoder(model.prompt_encoder)
+    _RECORDERS[id(model.mask_decoder)] = model.prompt_encoder
+    return model
+
+
+def _point_aware_reference(model: nn.Module) -> nn.Module:
     prompts = _RecordingPromptEncoder(model.prompt_encoder)
     model.prompt_encoder = prompts
     model.mask_decoder = _DiskDecoder(model.mask_decoder, prompts)
@@ -313,7 +345,7 @@ def disk_pair(state_dict):
     spec, sd = state_dict
     ours = build_sam(spec)
     ours.load_state_dict(sd)
-    return _point_aware(ours.eval()), _point_aware(_reference_model(sd))
+    return _point_aware_ours(ours.eval()), _point_aware_reference(_reference_model(sd))
 
 
 @pytest.fixture(scope="module")
@@ -518,6 +550,52 @@ def test_explicit_point_grids(disk_pair, image):
         disk_pair[0], points_per_side=None, point_grids=[grid], **LOOSE
     ).generate(image)
     assert [r["area"] for r in a] == [r["area"] for r in b]
+
+
+# -- the shared-embedding decoder ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_decode_shared_equals_mask_decoder(plain_pair, multimask):
+    model = plain_pair[0]
+    torch.manual_seed(3)
+    grid = model.prompt_encoder.image_embedding_size
+    embedding = torch.randn(1, 256, *grid)
+    coords = torch.rand(5, 2, 2) * SIZE
+    labels = torch.tensor([[1, 0], [1, 1], [0, 1], [1, -1], [1, 1]])
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        pe = model.prompt_encoder.get_dense_pe()
+        expected = model.mask_decoder(embedding, pe, sparse, dense, multimask)
+        got = decode_shared(model.mask_decoder, embedding, pe, sparse, dense[:1], multimask)
+        # An upscaling network of another layout takes the module's own path.
+        other = copy.deepcopy(model.mask_decoder)
+        other.output_upscaling.append(nn.Identity())
+        generic = decode_shared(other, embedding, pe, sparse, dense[:1], multimask)
+    for a, b in ((got, expected), (generic, expected)):
+        assert a[0].shape == b[0].shape and a[1].shape == b[1].shape
+        assert (a[0] - b[0]).abs().max() <= 1e-4
+        assert (a[1] - b[1]).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="shared"):
+        decode_shared(model.mask_decoder, embedding.expand(2, -1, -1, -1), pe, sparse, dense[:1])
+
+
+def test_decode_shared_official_decoder_size():
+    # The decoder of every official model: 64 x 64 embedding, 256 x 256 logits.
+    model = build_sam("vit_t")
+    _perturb(model.mask_decoder, 4)
+    torch.manual_seed(4)
+    embedding = torch.randn(1, 256, 64, 64)
+    coords = torch.rand(3, 1, 2) * 1024
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(
+            points=(coords, torch.ones(3, 1, dtype=torch.int)), boxes=None, masks=None
+        )
+        pe = model.prompt_encoder.get_dense_pe()
+        expected = model.mask_decoder(embedding, pe, sparse, dense, True)
+        got = decode_shared(model.mask_decoder, embedding, pe, sparse, dense[:1], True)
+    assert (got[0] - expected[0]).abs().max() <= 1e-3
+    assert (got[1] - expected[1]).abs().max() <= 1e-4
 
 
 # -- labels for the widget ---------------------------------------------------------------------

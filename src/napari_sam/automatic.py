@@ -1,8 +1,10 @@
 """Automatic mask generation: segment everything in an image from a grid of point prompts.
 
 :class:`SamAutomaticMaskGenerator` is a drop-in for Meta's generator (same parameters, defaults
-and output records) with three differences that change no mask:
+and output records) with four differences that change no mask:
 
+- The ~1000 grid prompts are decoded against one shared embedding with
+  :func:`~napari_sam.amg_decoder.decode_shared` (same function, half the arithmetic).
 - Masks are upscaled to image resolution only after the predicted-IoU filter, which needs no
   pixels; the reference upscales every candidate first.
 - A cached embedding of the whole image can be passed to :meth:`~SamAutomaticMaskGenerator.generate`
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_sam.amg_decoder import decode_shared
 from napari_sam.amg_utils import (
     area_from_rle,
     batched_mask_to_box,
@@ -37,6 +40,7 @@ from napari_sam.amg_utils import (
     remove_small_regions,
     rle_to_mask,
 )
+from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.predictor import SamPredictor, _check_image, encode_image
 
 __all__ = [
@@ -374,13 +378,25 @@ class SamAutomaticMaskGenerator:
         coords_t = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]
         labels_t = torch.ones(coords_t.shape[:2], dtype=torch.int, device=device)
         sparse, dense = model.prompt_encoder(points=(coords_t, labels_t), boxes=None, masks=None)
-        low_res, iou_preds = model.mask_decoder(
-            image_embeddings=predictor.features,
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-        )
+        if isinstance(model.mask_decoder, MaskDecoder):
+            # One embedding and no mask prompt for all points: the shared-image decoder.
+            _, no_mask = model.prompt_encoder(points=None, boxes=None, masks=None)
+            low_res, iou_preds = decode_shared(
+                model.mask_decoder,
+                predictor.features,
+                model.prompt_encoder.get_dense_pe(),
+                sparse,
+                no_mask,
+                multimask_output=True,
+            )
+        else:
+            low_res, iou_preds = model.mask_decoder(
+                image_embeddings=predictor.features,
+                image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
         n_masks = low_res.shape[1]
         low_res = low_res.flatten(0, 1)
         iou_preds = iou_preds.flatten(0, 1)
