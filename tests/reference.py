@@ -88,7 +88,7 @@ def _install_torchvision_standin() -> None:
 
 def _ensure_torchvision() -> None:
     try:
-        import torchvision.ops  # noqa: F401
+        import torchvision.ops
         import torchvision.transforms.functional  # noqa: F401
     except Exception:
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
@@ -141,7 +141,7 @@ def _install_timm_standin() -> None:
 
 def _ensure_timm() -> None:
     try:
-        import timm.models.layers  # noqa: F401
+        import timm.models.layers
         import timm.models.registry  # noqa: F401
     except Exception:
         for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
@@ -153,12 +153,13 @@ _ensure_torchvision()
 _ensure_timm()
 
 import segment_anything  # noqa: E402
-import segment_anything.automatic_mask_generator  # noqa: E402,F401
+import segment_anything.automatic_mask_generator  # noqa: E402
 
-__all__ = ["mobile_sam", "segment_anything"]
+__all__ = ["segment_anything"]
 
 
 def __getattr__(name):
+    # mobile_sam is imported on first use: only the vit_t tests need it.
     if name == "mobile_sam":
         import mobile_sam
 
