@@ -429,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
         for obj in objects:
             say(f"object {obj.label}: {int(np.count_nonzero(labels == obj.label))} voxels")
         path = session.save(args.output)
-    say(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
