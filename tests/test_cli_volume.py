@@ -7,25 +7,15 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from napari_sam.cli import main
 from napari_sam.io.nifti import read_nifti
 from napari_sam.prompts import mask_to_box, mask_to_points
 from napari_sam.training.synthetic import ellipsoid_volume
 from testmodel import TEST_MODEL_PATH
+from volume_helpers import dice, one_torch_thread  # noqa: F401 (autouse fixture)
 
 MODEL = str(TEST_MODEL_PATH)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny test model is fastest on one thread, and far faster than two threads when other
-    processes share the CPU (intra-op threads then wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +37,6 @@ def largest_slice_box(truth: np.ndarray, label: int) -> tuple[int, list[int]]:
     z = int(np.argmax((truth == label).sum(axis=(1, 2))))
     x0, y0, x1, y1 = (int(v) for v in mask_to_box(truth[z] == label))
     return z, [x0 - 2, y0 - 2, x1 + 2, y1 + 2]
-
-
-def dice(a, b) -> float:
-    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
 def test_segment_box_propagates(scan, tmp_path, capsys):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from conftest import SHARED_DATA
 from napari_sam.io.nifti import read_nifti
@@ -16,22 +15,9 @@ from napari_sam.training.synthetic import ellipsoid_volume
 from napari_sam.volume.propagation import merge_masks
 from napari_sam.volume.session import VolumeSession
 from testmodel import load_test_model
+from volume_helpers import dice, one_torch_thread  # noqa: F401 (autouse fixture)
 
 MNI_T1 = SHARED_DATA / "mni152" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny test model is fastest on one thread, and far faster than two threads when other
-    processes share the CPU (intra-op threads then wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
