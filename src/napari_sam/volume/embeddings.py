@@ -18,6 +18,10 @@ cancel are reused by the next run.
 
 When a disk store is used, freshly computed embeddings are rounded to float16 before use too, so
 a slice gives the same masks whether it was just computed or read back from disk.
+
+Prefetching needs no extra machinery: a background thread calling :meth:`EmbeddingCache.get` on
+the neighbours of the current slice fills the cache, and a foreground ``get`` of a slice being
+computed waits for that computation instead of starting another.
 """
 
 from __future__ import annotations
@@ -281,7 +285,10 @@ class EmbeddingCache:
                 event.set()
 
     def has(self, index: int) -> bool:
-        """Whether slice ``index`` is available without encoding (in memory or on disk)."""
+        """Whether slice ``index`` is available without encoding (in memory or on disk).
+
+        Cheap: a stored file is not read here; one found damaged by :meth:`get` is recomputed.
+        """
         index = self._check_index(index)
         with self._lock:
             if index in self._memory:
