@@ -289,6 +289,8 @@ def test_lifecycle_and_clear_errors(model, scene, tmp_path):
         VolumeSession(volume, model, labels=np.zeros((2, 2, 2), np.uint8))
     with pytest.raises(ValueError, match="labels must be"):
         VolumeSession(volume, model, labels=np.zeros(volume.shape, np.float32))
+    with pytest.raises(TypeError, match="in place"):
+        VolumeSession(volume, model, labels=np.zeros(volume.shape, np.uint8).tolist())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         VolumeSession(tmp_path / "missing.nii.gz", model)
     with pytest.raises(ValueError, match="checkpoint"):

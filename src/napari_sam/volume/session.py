@@ -131,7 +131,12 @@ class VolumeSession:
         if labels is None:
             labels = np.zeros(spatial, dtype=np.uint16)
         else:
-            labels = np.asarray(labels)
+            if not isinstance(labels, np.ndarray):
+                # A copy would silently lose every write.
+                raise TypeError(
+                    f"labels must be a numpy array (it is written in place), got "
+                    f"{type(labels).__name__}; convert it with np.asarray first"
+                )
             if labels.shape != spatial or labels.dtype.kind not in "iu":
                 raise ValueError(
                     f"labels must be an integer array of shape {spatial} (the volume's), got "
