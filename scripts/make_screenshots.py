@@ -122,7 +122,9 @@ def main() -> None:
     viewer.layers.selection.active = widget.points_layer
     widget.propagate()
     wait(app, widget)
-    viewer.dims.set_current_step(0, (z1 + z2) // 2 + 6)
+    both = np.minimum(first.sum(axis=(1, 2)), second.sum(axis=(1, 2)))
+    both[[z1, z2]] = 0  # show a slice that propagation filled in, with both objects
+    viewer.dims.set_current_step(0, int(np.argmax(both)))
     shot(viewer, app, out / "propagated.png")
     labels = widget.labels_layer
     for label in (1, 2):

@@ -475,6 +475,47 @@ def test_2d_rgb_image(make_widget, qtbot):
     assert "single slice" in widget.status.text()
 
 
+def test_window_choice_reaches_the_engine_and_contrast_limits_follow(make_widget, qtbot):
+    gray = np.random.default_rng(3).normal(100, 20, size=(40, 50)).astype(np.float32)
+    _viewer, image, widget = make_widget(gray)
+    widget.window_combo.setCurrentIndex(widget.window_combo.findData("contrast_limits"))
+    image.contrast_limits = (60.0, 140.0)
+    widget.points_layer.add([20, 25])
+    settle(qtbot, widget)
+    caches = widget.backend.caches
+    assert len(caches) == 1 and caches[0].volume.shape == (1, 40, 50)  # a 2D image: one slice
+    assert widget._engine.window == ("contrast_limits", (60.0, 140.0))
+    np.testing.assert_array_equal(widget.preview_layer.data > 0, disc((40, 50), 25, 20, 2 * R))
+
+    # New contrast limits = another 8-bit image for SAM: a new cache, SAM runs again.
+    image.contrast_limits = (80.0, 120.0)
+    settle(qtbot, widget)
+    assert len(caches) == 2 and widget._engine.window == ("contrast_limits", (80.0, 120.0))
+    assert widget.backend.loaded == [("fake", "auto")]  # the model itself is kept
+    widget.commit()
+    np.testing.assert_array_equal(widget.labels_layer.data == 1, disc((40, 50), 25, 20, 2 * R))
+
+
+def test_polygon_is_a_box_plus_mask_prompt(make_widget, qtbot):
+    viewer, _image, widget = make_widget(VOLUME)
+    viewer.dims.set_current_step(0, 1)
+    triangle = [[1, 10, 10], [1, 10, 40], [1, 40, 10]]
+    widget.boxes_layer.add(triangle, shape_type="polygon")
+    settle(qtbot, widget)
+    prompts = widget.backend.predictor.calls[-1]["prompts"]
+    np.testing.assert_array_equal(prompts.box, [10, 10, 40, 40])
+    assert prompts.mask[15, 15] and not prompts.mask[35, 35]  # inside / outside the triangle
+    np.testing.assert_array_equal(
+        preview_slice(widget, 1), prompts.mask | _box_mask(10, 10, 40, 40)
+    )
+
+
+def _box_mask(x0, y0, x1, y1, shape=(48, 64)):
+    mask = np.zeros(shape, bool)
+    mask[y0 : y1 + 1, x0 : x1 + 1] = True
+    return mask
+
+
 def test_model_download_progress_and_cancel(make_widget, qtbot):
     options = [ModelOption("vit_x", "vit_x — will download 1 MB", False, True, 1_000_000)]
     viewer, _image, widget = make_widget(VOLUME, backend=FakeBackend(models=options))
