@@ -516,6 +516,28 @@ def _box_mask(x0, y0, x1, y1, shape=(48, 64)):
     return mask
 
 
+def test_engine_errors_are_shown_and_the_next_prompt_retries(make_widget, qtbot):
+    class Broken(FakeBackend):
+        fail = True
+
+        def load_model(self, source, device):
+            if self.fail:
+                raise FileNotFoundError("weights.pth is not a checkpoint file")
+            return super().load_model(source, device)
+
+    viewer, _image, widget = make_widget(VOLUME, backend=Broken())
+    viewer.dims.set_current_step(0, 2)
+    widget.points_layer.add([2, 20, 20])
+    settle(qtbot, widget)
+    assert widget.status.text() == "weights.pth is not a checkpoint file"
+    assert widget._result is None and not widget.progress.isVisible()
+
+    widget.backend.fail = False
+    widget.points_layer.add([2, 20, 30])
+    settle(qtbot, widget)
+    assert widget._job_error is None and widget.preview_layer.data[2].any()
+
+
 def test_model_download_progress_and_cancel(make_widget, qtbot):
     options = [ModelOption("vit_x", "vit_x — will download 1 MB", False, True, 1_000_000)]
     viewer, _image, widget = make_widget(VOLUME, backend=FakeBackend(models=options))
