@@ -36,6 +36,7 @@ from napari_sam.automatic import (
 from napari_sam.models.build import build_sam
 from napari_sam.predictor import SamPredictor, default_to_uint8, encode_image
 from napari_sam.registry import ModelSpec
+from napari_sam.training.synthetic import synthetic_scene
 
 ref_sa = reference.segment_anything
 ref_amg = sys.modules["segment_anything.utils.amg"]
@@ -214,7 +215,7 @@ def _perturb(model: nn.Module, seed: int) -> None:
                 t.add_(0.05 * torch.randn(t.shape, generator=gen))
 
 
-def _reference_model(state_dict) -> nn.Module:
+def _reference_model(state_dict, vit: dict = SMALL_VIT, window_size: int = 14) -> nn.Module:
     m = ref_sa.modeling
     grid = SIZE // 16
     sam = m.Sam(
@@ -225,9 +226,9 @@ def _reference_model(state_dict) -> nn.Module:
             norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
             qkv_bias=True,
             use_rel_pos=True,
-            window_size=14,
+            window_size=window_size,
             out_chans=256,
-            **{**SMALL_VIT, "global_attn_indexes": list(SMALL_VIT["global_attn_indexes"])},
+            **{**vit, "global_attn_indexes": list(vit["global_attn_indexes"])},
         ),
         prompt_encoder=m.PromptEncoder(
             embed_dim=256,
@@ -445,6 +446,36 @@ def test_output_modes_agree(disk_pair, image):
         np.testing.assert_array_equal(decoded, a["segmentation"])
         np.testing.assert_array_equal(U.rle_to_mask(r["segmentation"]), a["segmentation"])
         assert c["area"] == a["area"] == int(a["segmentation"].sum())
+
+
+@pytest.fixture(scope="module")
+def trained_pair():
+    """The project's small SAM trained on synthetic shapes, and the reference with its weights."""
+    from testmodel import load_test_model
+
+    ours = load_test_model()
+    vit = dict(ours.spec.encoder_kwargs)
+    window = vit.pop("window_size")
+    return ours, _reference_model(ours.state_dict(), vit, window)
+
+
+@pytest.mark.slow
+def test_trained_model_parity_and_objects(trained_pair):
+    # Real masks from trained weights, filtered by the model's own scores (thresholds lowered
+    # for this tiny model, whose predicted IoUs are modest).
+    sample = synthetic_scene(np.random.default_rng(11))
+    kwargs = {"points_per_side": 10, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.7}
+    ours, ref = _both(trained_pair, sample.image, **kwargs)
+    assert len(ours) >= 4
+    _assert_same_records(ours, ref)
+    # The scene's objects are found: object 1 (always fully or mostly visible) well, the
+    # others on average.
+    best = [
+        max(_iou(r["segmentation"], sample.labels == label) for r in ours)
+        for label in np.unique(sample.labels)[1:]
+    ]
+    assert best[0] >= 0.7, best
+    assert np.mean(best) >= 0.5, best
 
 
 # -- embedding reuse, input types, progress ----------------------------------------------------
