@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -30,22 +29,25 @@ from typing import Any
 
 import napari
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
 )
 
 from napari_sam._napari._backend import Backend, Step
+from napari_sam._napari._console import ConsoleSession
+from napari_sam._napari._jobs import (
+    Adopt,
+    Engine,
+    Request,
+    Result,
+    Setup,
+    prepare,
+    propagate_job,
+    segment_job,
+)
+from napari_sam._napari._panel import SamPanel
 from napari_sam._napari._slicing import SliceFrame
 from napari_sam._napari._workers import JobRunner, SlotTimer
 from napari_sam._napari.prompt_layers import BoxPrompts, PointPrompts, PromptLayer, SlicePrompts
@@ -68,66 +70,6 @@ PREVIEW_NAME = "SAM preview"
 PREVIEW_COLOR = "cyan"
 
 
-@dataclass(frozen=True)
-class _Setup:
-    """What the engine needs for the current choices, snapshotted on the main thread."""
-
-    model_source: Any
-    device: str
-    volume: Any
-    engine_axis: int
-    window_mode: str
-    contrast_limits: tuple[float, float] | None
-    rgb: bool
-    cache_dir: Path | None
-    model_key: tuple
-    cache_key: tuple
-
-
-@dataclass(frozen=True)
-class _Engine:
-    """A loaded model with its predictor, and the embedding cache of one volume."""
-
-    model_key: tuple
-    model: Any
-    predictor: Any
-    cache_key: tuple | None = None
-    cache: Any = None
-    window: Any = None
-
-
-@dataclass
-class _Request:
-    setup: _Setup
-    frame: SliceFrame
-    index: int
-    prompts: SlicePrompts
-    mask_input: np.ndarray | None
-    multimask: bool
-
-
-@dataclass
-class _Result:
-    frame: SliceFrame
-    index: int
-    prompts: SlicePrompts
-    masks: np.ndarray  # C x H x W bool
-    ious: np.ndarray  # C
-    low_res: np.ndarray  # C x L x L logits
-    chosen: int = 0
-
-    @property
-    def mask(self) -> np.ndarray:
-        return self.masks[self.chosen]
-
-
-@dataclass
-class _Adopt:
-    """Yielded by a job to hand the engine it built to the main thread early."""
-
-    engine: _Engine
-
-
 @dataclass
 class _Propagation:
     labels: Any
@@ -137,7 +79,7 @@ class _Propagation:
     written: set[int] = field(default_factory=set)
 
 
-class SamWidget(QWidget):
+class SamWidget(SamPanel):
     """Segment Anything for napari images and volumes.
 
     Parameters
@@ -157,8 +99,8 @@ class SamWidget(QWidget):
         self.timer = SlotTimer()
         self.jobs = JobRunner(self.timer)
         self.downloads = JobRunner(self.timer)
-        self._engine: _Engine | None = None
-        self._result: _Result | None = None
+        self._engine: Engine | None = None
+        self._result: Result | None = None
         self._pending = False
         self._quiet = False
         self._points: PointPrompts | None = None
@@ -174,117 +116,20 @@ class SamWidget(QWidget):
         self._segment_after_download = False
         self._model_options: dict[str, Any] = {}  # registry name -> ModelOption
 
-        self._build_ui()
-        self._connect()
-        self._refresh_layer_choices()
-        self._bind_keys(self.viewer)
-        self.console_session = _ConsoleSession(self)
-        self.viewer.update_console({"sam_widget": self, "sam_session": self.console_session})
-
-    # ------------------------------------------------------------------------------------------
-    # UI
-
-    def _build_ui(self) -> None:
-        self.image_combo = QComboBox()
-        self.model_combo = QComboBox()
-        self.checkpoint_button = QPushButton("Checkpoint…")
-        self.checkpoint_button.setToolTip("Use a weights file (.pth, .pt, .safetensors)")
-        self.download_button = QPushButton("Download")
-        self.download_cancel_button = QPushButton("Cancel download")
-        self.download_progress = QProgressBar()
-        self.device_combo = QComboBox()
-        self.window_combo = QComboBox()
-        self.axis_combo = QComboBox()
-        self.labels_combo = QComboBox()
-        self.label_mode_combo = QComboBox()
-        self.label_mode_combo.addItem("New label id", "new")
-        self.label_mode_combo.addItem("Selected label id", "selected")
-        self.overlap_combo = QComboBox()
-        self.overlap_combo.addItem("Keep existing labels", "keep")
-        self.overlap_combo.addItem("Overwrite existing labels", "overwrite")
-        self.sign_button = QPushButton("New points: positive (T)")
-        self.next_mask_button = QPushButton("Next mask (N)")
-        self.clear_button = QPushButton("Clear prompts (Shift+C)")
-        self.commit_button = QPushButton("Commit (C)")
-        self.from_spin = QSpinBox()
-        self.to_spin = QSpinBox()
-        self.scope_combo = QComboBox()
-        self.scope_combo.addItem("All committed objects", "all")
-        self.scope_combo.addItem("Selected label only", "selected")
-        self.propagate_button = QPushButton("Propagate (Shift+S)")
-        self.cancel_button = QPushButton("Cancel")
-        self.progress = QProgressBar()
-        self.status = QLabel("Open an image to start.")
-        self.status.setWordWrap(True)
-        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-
         for name in self.backend.devices():
             self.device_combo.addItem(name, name)
         for option in self.backend.window_options():
             self.window_combo.addItem(option.label, option.mode)
         self._fill_models()
-
-        layout = QVBoxLayout(self)
-        source = QGroupBox("Image and model")
-        form = QFormLayout(source)
-        form.addRow("Image", self.image_combo)
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, 1)
-        model_row.addWidget(self.checkpoint_button)
-        form.addRow("Model", model_row)
-        download_row = QHBoxLayout()
-        download_row.addWidget(self.download_button)
-        download_row.addWidget(self.download_progress, 1)
-        download_row.addWidget(self.download_cancel_button)
-        form.addRow("", download_row)
-        form.addRow("Device", self.device_combo)
-        form.addRow("Intensity", self.window_combo)
-        form.addRow("Slice axis", self.axis_combo)
-        layout.addWidget(source)
-
-        prompts = QGroupBox("Prompts")
-        box = QVBoxLayout(prompts)
-        hint = QLabel(
-            "Click in <b>SAM points</b> (T: negative), or draw a rectangle in <b>SAM boxes</b>. "
-            "SAM runs on every change."
-        )
-        hint.setWordWrap(True)
-        box.addWidget(hint)
-        row = QHBoxLayout()
-        for button in (self.sign_button, self.next_mask_button, self.clear_button):
-            row.addWidget(button)
-        box.addLayout(row)
-        layout.addWidget(prompts)
-
-        commit = QGroupBox("Labels")
-        form = QFormLayout(commit)
-        form.addRow("Target", self.labels_combo)
-        form.addRow("Label id", self.label_mode_combo)
-        form.addRow("Overlap", self.overlap_combo)
-        form.addRow(self.commit_button)
-        layout.addWidget(commit)
-
-        volume = QGroupBox("Volume")
-        form = QFormLayout(volume)
-        span = QHBoxLayout()
-        span.addWidget(self.from_spin)
-        span.addWidget(QLabel("to"))
-        span.addWidget(self.to_spin)
-        form.addRow("Slices", span)
-        form.addRow("Objects", self.scope_combo)
-        run = QHBoxLayout()
-        run.addWidget(self.propagate_button, 1)
-        run.addWidget(self.cancel_button)
-        form.addRow(run)
-        form.addRow(self.progress)
-        layout.addWidget(volume)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
-
-        self.cancel_button.setEnabled(False)
-        self.progress.setVisible(False)
-        self._set_download_visible(False)
         self._update_download_button()
+        self._connect()
+        self._refresh_layer_choices()
+        self._bind_keys(self.viewer)
+        self.console_session = ConsoleSession(self)
+        self.viewer.update_console({"sam_widget": self, "sam_session": self.console_session})
+
+    # ------------------------------------------------------------------------------------------
+    # UI
 
     def _connect(self) -> None:
         t = self.timer.wrap
@@ -710,7 +555,7 @@ class SamWidget(QWidget):
         if not self._quiet:
             self.request_segment()
 
-    def _setup(self, frame: SliceFrame) -> _Setup:
+    def _setup(self, frame: SliceFrame) -> Setup:
         image = self.image_layer
         source = self.model_combo.currentData()
         device = self.device_combo.currentData() or "auto"
@@ -719,7 +564,7 @@ class SamWidget(QWidget):
         data = image.data[0] if image.multiscale else image.data
         model_key = (source if isinstance(source, (str, Path)) else id(source), device)
         cache_key = (model_key, id(data), frame.axis, frame.fixed, mode, limits)
-        return _Setup(
+        return Setup(
             model_source=source,
             device=device,
             volume=frame.volume(data),
@@ -731,6 +576,26 @@ class SamWidget(QWidget):
             model_key=model_key,
             cache_key=cache_key,
         )
+
+    def ready_engine(self) -> tuple[Engine, Setup, SliceFrame]:
+        """The engine for the current choices, prepared here and now (blocks: for napari's
+        console, where the user runs code on the main thread anyway)."""
+        frame = self.frame()
+        setup = self._setup(frame)
+        engine = self._engine
+        if engine is None or engine.cache_key != setup.cache_key:
+            steps = prepare(self.backend, setup, engine)
+            try:
+                while True:
+                    next(steps)
+            except StopIteration as done:
+                engine = done.value
+            self._engine = engine
+        return engine, setup, frame
+
+    def committed(self, frame: SliceFrame) -> dict[int, list[int]]:
+        """Label id -> slices where it was committed, for the slicing ``frame``."""
+        return {k: sorted(v) for k, v in self._seeds.get((frame.axis, frame.fixed), {}).items()}
 
     def _model_ready_message(self) -> str | None:
         """Why no model can be used now (not downloaded, none chosen), or None."""
@@ -789,7 +654,7 @@ class SamWidget(QWidget):
         ):
             mask_input = previous.low_res[previous.chosen][None]
         single_click = len(prompts.points) == 1 and prompts.box is None and prompts.mask is None
-        request = _Request(
+        request = Request(
             self._setup(frame),
             frame,
             index,
@@ -801,7 +666,8 @@ class SamWidget(QWidget):
         self._job_error = None
         self.jobs.start(
             "segment",
-            self._segment_job,
+            segment_job,
+            self.backend,
             request,
             self._engine,
             on_yield=self._on_job_message,
@@ -810,44 +676,15 @@ class SamWidget(QWidget):
             on_done=self._on_segment_done,
         )
 
-    def _prepare(self, setup: _Setup, engine: _Engine | None):
-        """Generator (worker thread): load the model and open the cache when they changed."""
-        if engine is None or engine.model_key != setup.model_key:
-            yield "Loading the model…"
-            model = self.backend.load_model(setup.model_source, setup.device)
-            engine = _Engine(setup.model_key, model, self.backend.make_predictor(model))
-        if engine.cache_key != setup.cache_key:
-            yield "Preparing the intensity window…"
-            window = self.backend.make_window(
-                setup.volume, setup.window_mode, setup.contrast_limits, setup.rgb
-            )
-            cache = self.backend.make_cache(
-                engine.model, setup.volume, setup.engine_axis, window, setup.cache_dir
-            )
-            engine = replace(engine, cache_key=setup.cache_key, cache=cache, window=window)
-        return engine
-
-    def _segment_job(self, request: _Request, engine: _Engine | None):
-        engine = yield from self._prepare(request.setup, engine)
-        yield _Adopt(engine)
-        if not self.backend.is_encoded(engine.cache, request.index):
-            yield f"Encoding slice {request.index}…"
-        self.backend.embed(engine.cache, engine.predictor, request.index)
-        masks, ious, low_res = self.backend.predict(
-            engine.predictor, request.prompts, request.mask_input, request.multimask
-        )
-        chosen = int(np.argmax(ious))
-        return _Result(request.frame, request.index, request.prompts, masks, ious, low_res, chosen)
-
     def _on_job_message(self, message) -> None:
-        if isinstance(message, _Adopt):
+        if isinstance(message, Adopt):
             self._engine = message.engine
         elif isinstance(message, Step):
             self._write_step(message)
         else:
             self.set_status(str(message))
 
-    def _on_segmented(self, result: _Result) -> None:
+    def _on_segmented(self, result: Result) -> None:
         try:
             current = self._prompts_on(result.frame, result.index)
             if self.image_layer is None or current is None:
@@ -876,7 +713,7 @@ class SamWidget(QWidget):
         self.progress.setVisible(busy)
         self.cancel_button.setEnabled(busy)
 
-    def _set_result(self, result: _Result | None) -> None:
+    def _set_result(self, result: Result | None) -> None:
         if result is None and self._result is None:
             return
         self._result = result
@@ -1014,8 +851,7 @@ class SamWidget(QWidget):
         if problem:
             self.set_status(problem, error=True)
             return
-        key = (frame.axis, frame.fixed)
-        committed = {k: sorted(v) for k, v in self._seeds.get(key, {}).items()}
+        committed = self.committed(frame)
         selected = None
         if self.scope_combo.currentData() == "selected":
             selected = int(labels.selected_label)
@@ -1034,7 +870,8 @@ class SamWidget(QWidget):
         self._job_error = None
         self.jobs.start(
             "propagate",
-            self._propagate_job,
+            propagate_job,
+            self.backend,
             self._setup(frame),
             self._engine,
             (labels.data, frame, committed, selected),
@@ -1042,19 +879,6 @@ class SamWidget(QWidget):
             on_yield=self._on_job_message,
             on_error=self._on_job_error,
             on_done=self._on_propagation_done,
-        )
-
-    def _propagate_job(self, setup: _Setup, engine: _Engine | None, seed_source, slice_range):
-        seeds = seed_masks(*seed_source)  # reads the whole labels volume: not on the main thread
-        if not seeds:
-            hint = ", or paint the selected label on a slice" if seed_source[3] else ""
-            raise ValueError(f"Nothing to propagate: commit a mask (C) on a slice first{hint}.")
-        engine = yield from self._prepare(setup, engine)
-        yield _Adopt(engine)
-        n = sum(len(m) for m in seeds.values())
-        yield f"Propagating {len(seeds)} object(s) from {n} seed slice(s)…"
-        yield from self.backend.propagate(
-            engine.cache, engine.predictor, seeds, slice_range=slice_range
         )
 
     def _write_step(self, step: Step) -> None:
@@ -1160,104 +984,3 @@ class SamWidget(QWidget):
         if self._segment_after_download and not self._needs_download():
             self._segment_after_download = False
             self.request_segment()
-
-
-def seed_masks(
-    labels: np.ndarray,
-    frame: SliceFrame,
-    committed: dict[int, list[int]],
-    selected: int | None = None,
-) -> dict[int, dict[int, np.ndarray]]:
-    """The seeds of a propagation: label id -> {slice -> mask}, read from the labels volume.
-
-    Parameters
-    ----------
-    labels : ndarray
-        The target labels layer's data (so hand edits of committed slices count).
-    frame : SliceFrame
-        Which slices.
-    committed : dict
-        Label id -> slices where the widget committed that label.
-    selected : int, optional
-        Propagate only this label; if it was never committed, every slice where it is present
-        (painted by hand) is a seed.
-    """
-    if selected is not None:
-        committed = {selected: committed.get(selected, [])}
-        if not committed[selected] and frame.axis is not None:
-            volume = frame.volume(labels)
-            axes = tuple(a for a in range(volume.ndim) if a != frame.engine_axis)
-            present = np.flatnonzero((volume == selected).any(axis=axes))
-            committed = {selected: present.tolist()}
-    seeds: dict[int, dict[int, np.ndarray]] = {}
-    for label, indices in committed.items():
-        masks = {i: np.array(frame.slice_of(labels, i) == label) for i in indices}
-        masks = {i: m for i, m in masks.items() if m.any()}
-        if masks:
-            seeds[label] = masks
-    return seeds
-
-
-class _ConsoleSession:
-    """``sam_session`` in napari's console: the scripting API (:class:`VolumeSession`) on the
-    widget's current image, model, window and labels layer, built on first use.
-
-    Calls that return go through the real session; the labels layer is refreshed afterwards so
-    what a script writes shows up at once.
-    """
-
-    def __init__(self, widget: SamWidget) -> None:
-        self._widget = widget
-        self._session = None
-        self._key = None
-
-    def _get(self):
-        w = self._widget
-        labels = w.ensure_labels_layer()
-        frame = w.frame()
-        setup = w._setup(frame)
-        key = (setup.cache_key, id(labels))
-        if self._session is None or self._key != key:
-            engine = w._engine
-            if engine is None or engine.cache_key != setup.cache_key:
-                gen = w._prepare(setup, engine)
-                try:
-                    while True:
-                        next(gen)
-                except StopIteration as stop:
-                    engine = stop.value
-                w._engine = engine
-            self._session = w.backend.make_session(
-                engine.model,
-                setup.volume,
-                axis=setup.engine_axis,
-                window=engine.window,
-                labels=frame.volume(labels.data),
-                cache=engine.cache,
-            )
-            # Objects committed in the widget are objects of the session (e.g. to propagate).
-            for label, indices in w._seeds.get((frame.axis, frame.fixed), {}).items():
-                for index in indices:
-                    self._session.annotate(label, index)
-            self._key = key
-        return self._session
-
-    def __getattr__(self, name: str):
-        value = getattr(self._get(), name)
-        if not inspect.ismethod(value):
-            return value
-
-        def call(*args, **kwargs):
-            out = value(*args, **kwargs)
-            layer = self._widget.labels_layer
-            if layer is not None:
-                layer.refresh()
-            return out
-
-        return call
-
-    def __repr__(self) -> str:
-        return (
-            "sam_session: the scripting API (VolumeSession) on the widget's image, model and "
-            "labels; e.g. sam_session.segment_slice(index, box=[x0, y0, x1, y1])"
-        )
