@@ -132,6 +132,16 @@ class FakeBackend(Backend):
             cache.get(index)
             yield Step(index, {label: mask.copy()}, done, len(plan))
 
+    def segment_everything(self, cache, model, index):
+        shape = cache.slice_shape
+        for done in (1, 2):
+            time.sleep(self.step_delay)
+            yield f"everything {done}/2"
+        found = np.zeros(shape, np.int32)
+        found[disc(shape, 30, 20, 6)] = 1
+        found[disc(shape, 50, 30, 4)] = 2
+        return found
+
     def download(self, name, progress_callback, cancel):
         total = 1000
         for done in range(0, total + 1, 100):
@@ -514,6 +524,24 @@ def _box_mask(x0, y0, x1, y1, shape=(48, 64)):
     mask = np.zeros(shape, bool)
     mask[y0 : y1 + 1, x0 : x1 + 1] = True
     return mask
+
+
+def test_segment_everything_commits_new_ids_in_one_undo_step(make_widget, qtbot):
+    viewer, _image, widget = make_widget(VOLUME)
+    _commit_disc(widget, qtbot, 5, 20, 20)  # label 1, under the first automatic object
+    labels = widget.labels_layer
+    first = labels.data[5].copy()
+    viewer.dims.set_current_step(0, 5)
+    widget.everything_button.click()
+    settle(qtbot, widget)
+    shape = (48, 64)
+    np.testing.assert_array_equal(labels.data[5] == 1, first)  # keep: label 1 untouched
+    np.testing.assert_array_equal(labels.data[5] == 2, disc(shape, 30, 20, 6) & (first == 0))
+    np.testing.assert_array_equal(labels.data[5] == 3, disc(shape, 50, 30, 4))
+    assert "found 2 object(s), 2 added (labels 2-3)" in widget.status.text()
+    assert widget.committed(widget.frame()) == {1: [5], 2: [5], 3: [5]}
+    labels.undo()
+    np.testing.assert_array_equal(labels.data[5], first)
 
 
 def test_engine_errors_are_shown_and_the_next_prompt_retries(make_widget, qtbot):

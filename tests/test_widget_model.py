@@ -44,6 +44,7 @@ class SlowEncoder(Backend):
     """The real engine with an encoder that takes at least ``delay`` seconds per slice."""
 
     def __init__(self, delay: float) -> None:
+        super().__init__()
         self.delay = delay
         self.encoded: list = []
 
@@ -127,6 +128,13 @@ def test_real_engine_click_commit_propagate(widget_on, small_model, qtbot):
     assert widget._job_error is None, widget.status.text()
     changed = [z for z in range(7) if z != 3 and labels.data[z].any()]
     assert f"Propagation done: {len(changed)} slice(s) changed" in widget.status.text()
+
+    # Segment everything through the real automatic mask generator (a coarse grid).
+    widget.backend.everything_options = {"points_per_side": 4, "pred_iou_thresh": 0.0}
+    widget.segment_everything()
+    settle(qtbot, widget)
+    assert widget._job_error is None, widget.status.text()
+    assert "Segment everything on slice 3: SAM found" in widget.status.text()
     np.testing.assert_array_equal(labels.data[3] == 1, preview)  # the seed is left as it was
     assert widget.points_layer.data.shape == (0, 3)
 

@@ -60,7 +60,18 @@ def _megabytes(n: int | None) -> str:
 
 class Backend:
     """Default bindings to the engine modules (imported lazily: napari reads the manifest
-    without importing torch)."""
+    without importing torch).
+
+    Attributes
+    ----------
+    everything_options : dict
+        Keyword arguments of the automatic mask generator used by "Segment everything"
+        (``points_per_side``, ``pred_iou_thresh``, ...); empty means segment_anything's
+        defaults.
+    """
+
+    def __init__(self) -> None:
+        self.everything_options: dict[str, Any] = {}
 
     # -- models and weights -------------------------------------------------------------------
 
@@ -207,6 +218,24 @@ class Backend:
             multimask_output=multimask,
         )
         return np.asarray(masks), np.asarray(ious), np.asarray(low_res)
+
+    def segment_everything(self, cache, model, index: int) -> Iterator[str]:
+        """Generator: SAM's automatic masks on slice ``index`` (a grid of point prompts on the
+        cached embedding); yields progress lines, returns an ``H x W`` int32 label image with
+        0 = background and 1, 2, ... from the largest mask down."""
+        from napari_sam.automatic import iter_segment_everything
+
+        embedding, _, _ = cache.get(index)
+        image = cache.slice_image(index)  # the 8-bit slice the embedding was computed from
+        steps = iter_segment_everything(
+            model, image, embedding=embedding, **self.everything_options
+        )
+        try:
+            while True:
+                progress = next(steps)
+                yield f"Segmenting everything on slice {index}: {progress.done}/{progress.total}…"
+        except StopIteration as done:
+            return np.asarray(done.value, dtype=np.int32)
 
     # -- volumes ------------------------------------------------------------------------------
 

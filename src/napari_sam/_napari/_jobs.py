@@ -25,6 +25,7 @@ __all__ = [
     "Request",
     "Result",
     "Setup",
+    "everything_job",
     "prepare",
     "propagate_job",
     "seed_masks",
@@ -131,6 +132,16 @@ def segment_job(backend: Backend, request: Request, engine: Engine | None):
     )
     chosen = int(np.argmax(ious))  # the mask SAM rates best
     return Result(request.frame, request.index, request.prompts, masks, ious, low_res, chosen)
+
+
+def everything_job(backend: Backend, setup: Setup, engine: Engine | None, index: int):
+    """Generator: all objects SAM finds on one slice; returns ``(index, label image)``."""
+    engine = yield from prepare(backend, setup, engine)
+    yield Adopt(engine)
+    if not backend.is_encoded(engine.cache, index):
+        yield f"Encoding slice {index}…"
+    labels = yield from backend.segment_everything(engine.cache, engine.model, index)
+    return index, labels
 
 
 def propagate_job(

@@ -45,6 +45,10 @@ class SamPanel(QWidget):
         self.sign_button = QPushButton("New points: positive (T)")
         self.next_mask_button = QPushButton("Next mask (N)")
         self.clear_button = QPushButton("Clear prompts (Shift+C)")
+        self.everything_button = QPushButton("Segment everything on this slice")
+        self.everything_button.setToolTip(
+            "SAM's automatic masks (a grid of point prompts); each object gets a new label id"
+        )
 
         self.labels_combo = QComboBox()
         self.label_mode_combo = _combo(("New label id", "new"), ("Selected label id", "selected"))
@@ -99,6 +103,7 @@ class SamPanel(QWidget):
         hint.setWordWrap(True)
         box.addWidget(hint)
         box.addLayout(_row(self.sign_button, self.next_mask_button, self.clear_button))
+        box.addWidget(self.everything_button)
         return group
 
     def _labels(self) -> QGroupBox:

@@ -43,6 +43,7 @@ from napari_sam._napari._jobs import (
     Request,
     Result,
     Setup,
+    everything_job,
     prepare,
     propagate_job,
     segment_job,
@@ -149,6 +150,7 @@ class SamWidget(SamPanel):
             (self.commit_button, self.commit),
             (self.propagate_button, self.propagate),
             (self.cancel_button, self.cancel),
+            (self.everything_button, self.segment_everything),
         ):
             slot = t(method, f"button:{method.__name__}")
             button.clicked.connect(lambda _checked=False, slot=slot: slot())
@@ -913,6 +915,63 @@ class SamWidget(SamPanel):
         self.propagate_button.setEnabled(True)
         if self._pending:
             self.request_segment()
+
+    def segment_everything(self) -> None:
+        """Every object SAM finds on the current slice, committed as new label ids (one undo
+        step), in the background with progress and Cancel."""
+        if self.jobs.busy:
+            self.set_status("Busy: wait for the current job or cancel it.")
+            return
+        if self.image_layer is None:
+            self.set_status("Open an image first.")
+            return
+        problem = self._model_ready_message()
+        if problem:
+            self.set_status(problem, error=True)
+            return
+        frame = self.frame()
+        index = self.current_index(frame)
+        self._busy(True)
+        self._job_error = None
+        self.jobs.start(
+            "everything",
+            everything_job,
+            self.backend,
+            self._setup(frame),
+            self._engine,
+            index,
+            on_yield=self._on_job_message,
+            on_return=lambda found: self._commit_everything(frame, *found),
+            on_error=self._on_job_error,
+            on_done=self._on_segment_done,
+        )
+
+    def _commit_everything(self, frame: SliceFrame, index: int, found: np.ndarray) -> None:
+        labels = self.ensure_labels_layer()
+        if tuple(labels.data.shape) != frame.shape:
+            self.set_status("The target labels layer does not match the image's shape.", True)
+            return
+        base, count = int(labels.data.max()), int(found.max())
+        limit = np.iinfo(labels.data.dtype).max
+        if base + count > limit:
+            self.set_status(f"{count} new labels do not fit the labels' {labels.data.dtype}.", True)
+            return
+        current = frame.slice_of(labels.data, index)
+        write = found > 0
+        if self.overlap_combo.currentData() == "keep":
+            write &= current == 0
+        rows, cols = np.nonzero(write)
+        with labels.block_history():  # all objects of the slice: one undo step
+            labels.data_setitem(frame.nd_index(index, rows, cols), base + found[rows, cols])
+        added = np.unique(base + found[rows, cols])
+        committed = self._seeds.setdefault((frame.axis, frame.fixed), {})
+        for label in added:
+            committed.setdefault(int(label), set()).add(index)
+        ids = f" (labels {added[0]}-{added[-1]})" if len(added) else ""
+        self.set_status(
+            f"Segment everything on slice {index}: SAM found {count} object(s), {len(added)} "
+            f"added{ids}. Ctrl+Z in the labels layer undoes it."
+        )
 
     def cancel(self) -> None:
         """Stop the running job (propagation: finished slices stay)."""
