@@ -830,15 +830,21 @@ class SamWidget(SamPanel):
             "Ctrl+Z in the labels layer undoes it."
         )
 
+    def _can_start(self) -> bool:
+        """Whether a button's job can start now; if not, say why."""
+        if self.jobs.busy:
+            self.set_status("Busy: wait for the current job or cancel it.")
+        elif self.image_layer is None:
+            self.set_status("Open an image first.")
+        else:
+            return True
+        return False
+
     # -- propagation --------------------------------------------------------------------------
 
     def propagate(self) -> None:
         """Shift+S: propagate the committed objects through the volume (in the background)."""
-        if self.jobs.busy:
-            self.set_status("Busy: wait for the current job or cancel it.")
-            return
-        if self.image_layer is None:
-            self.set_status("Open an image first.")
+        if not self._can_start():
             return
         if self._result is not None and self._result.mask.any():
             self.commit()  # the preview on screen is what the user means to propagate
@@ -919,11 +925,7 @@ class SamWidget(SamPanel):
     def segment_everything(self) -> None:
         """Every object SAM finds on the current slice, committed as new label ids (one undo
         step), in the background with progress and Cancel."""
-        if self.jobs.busy:
-            self.set_status("Busy: wait for the current job or cancel it.")
-            return
-        if self.image_layer is None:
-            self.set_status("Open an image first.")
+        if not self._can_start():
             return
         problem = self._model_ready_message()
         if problem:
