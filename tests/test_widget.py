@@ -595,21 +595,14 @@ def test_model_download_progress_and_cancel(make_widget, qtbot):
     assert widget.preview_layer.data[0].any()
 
 
-def test_console_gets_the_widget_and_session(make_widget, qtbot):
-    viewer, _image, widget = make_widget(VOLUME)
-    qt_viewer = viewer.window._qt_viewer
-    names = {}
-    for item in qt_viewer.console_backlog:  # weak references until the console opens
-        names.update({k: v() if isinstance(v, weakref.ref) else v for k, v in item.items()})
-    assert names["sam_widget"] is widget
-    assert names["sam_session"] is widget.console_session
-
-
 def test_real_key_presses_on_the_canvas(make_widget, qtbot):
     """Keys typed into napari's canvas reach the widget, also over layer defaults."""
     from qtpy.QtCore import Qt
 
     viewer, _image, widget = make_widget(VOLUME)
+    for key in KEYS:
+        assert _kb(key) in viewer.keymap
+        assert _kb(key) in widget.points_layer.keymap and _kb(key) in widget.boxes_layer.keymap
     canvas = viewer.window._qt_viewer.canvas.native
     viewer.layers.selection.active = widget.boxes_layer
     qtbot.keyClick(canvas, Qt.Key.Key_T)  # Shapes' own T would switch to path mode
@@ -629,14 +622,6 @@ def test_real_key_presses_on_the_canvas(make_widget, qtbot):
     assert all(widget.labels_layer.data[z].any() for z in range(8))
 
 
-def test_keys_are_bound_on_viewer_and_prompt_layers(make_widget, qtbot):
-    viewer, _image, widget = make_widget(VOLUME)
-    for key in KEYS:
-        kb = _kb(key)
-        assert kb in viewer.keymap
-        assert kb in widget.points_layer.keymap and kb in widget.boxes_layer.keymap
-
-
 def test_manifest_opens_the_widget_with_registry_models(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.add_image(VOLUME)
@@ -649,4 +634,11 @@ def test_manifest_opens_the_widget_with_registry_models(make_napari_viewer):
     assert any(t.startswith("medsam_vit_b — supply the file") for t in labels)
     assert not any("test" in t for t in labels)  # the test fixture model is never offered
     assert widget.download_button.isVisibleTo(widget)
+    # napari's console gets the widget and the scripting session (weak references until the
+    # console is first opened).
+    names = {}
+    for item in viewer.window._qt_viewer.console_backlog:
+        names.update({k: v() if isinstance(v, weakref.ref) else v for k, v in item.items()})
+    assert names["sam_widget"] is widget
+    assert names["sam_session"] is widget.console_session
     widget.cleanup()
