@@ -132,7 +132,23 @@ def main() -> None:
         dice = 2 * (found & want).sum() / (found.sum() + want.sum())
         print(f"object {label}: Dice {dice:.3f} against the synthetic truth")
 
-    # 4. The labels in 3D.
+    # 4. The same from napari's console: sam_session is the widget's scripting session.
+    z3 = z1 + 3
+    row, col = interior(first[z3])
+    qt_viewer = viewer.window._qt_viewer  # the console has no public handle in napari 0.9
+    qt_viewer.toggle_console_visibility()
+    settle(app, 3.0)
+    for line in (
+        "sam_session.objects  # label id -> slices committed in the widget",
+        f"mask = sam_session.segment_slice({z3}, points=[[{col}, {row}]], commit=False)",
+        "print(mask.sum(), 'pixels in the preview of object 1 on another slice')",
+    ):
+        qt_viewer.console.execute(line)
+        settle(app, 2.0)
+    shot(viewer, app, out / "console.png")
+    qt_viewer.toggle_console_visibility()
+
+    # 5. The labels in 3D.
     widget.preview_layer.visible = False
     image.visible = False
     viewer.dims.ndisplay = 3
@@ -142,7 +158,7 @@ def main() -> None:
     camera.zoom *= 1.8
     shot(viewer, app, out / "labels-3d.png")
 
-    # 5. Save with the plugin's writer; the file must overlay the scan voxel for voxel.
+    # 6. Save with the plugin's writer; the file must overlay the scan voxel for voxel.
     saved = work / "synthetic_labels.nii.gz"
     labels.save(str(saved), plugin="napari-sam-volumes")
     source, result = nib.load(scan), nib.load(saved)
