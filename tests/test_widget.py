@@ -622,6 +622,22 @@ def test_real_key_presses_on_the_canvas(make_widget, qtbot):
     assert all(widget.labels_layer.data[z].any() for z in range(8))
 
 
+def test_closing_the_widget_releases_the_viewer(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(VOLUME)
+    widget = SamWidget(viewer, backend=FakeBackend())
+    dock = viewer.window.add_dock_widget(widget)
+    points, calls = widget.points_layer, widget.backend.predictor.calls
+    assert _kb("C") in viewer.keymap
+    viewer.window.remove_dock_widget(dock)  # napari deletes the dock and the widget in it
+    qtbot.waitUntil(lambda: _kb("C") not in viewer.keymap, timeout=5000)
+    viewer.dims.set_current_step(0, 1)
+    points.add([1, 10, 10])  # nothing listens any more: no job, no error
+    viewer.layers.remove(points)
+    qtbot.wait(50)
+    assert calls == []
+
+
 def test_manifest_opens_the_widget_with_registry_models(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.add_image(VOLUME)

@@ -29,7 +29,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QEvent, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -116,6 +116,9 @@ class SamWidget(SamPanel):
         self._job_error: BaseException | None = None
         self._segment_after_download = False
         self._model_options: dict[str, Any] = {}  # registry name -> ModelOption
+        self._connections: list[tuple[Any, Any]] = []  # (viewer-side emitter, callback)
+        self._prompt_objects: list[PromptLayer] = []
+        self._was_docked = False
 
         for name in self.backend.devices():
             self.device_combo.addItem(name, name)
@@ -124,6 +127,8 @@ class SamWidget(SamPanel):
         self._fill_models()
         self._update_download_button()
         self._connect()
+        self._release = self._releaser()
+        self.destroyed.connect(self._release)
         self._refresh_layer_choices()
         self._bind_keys(self.viewer)
         self.console_session = ConsoleSession(self)
@@ -155,15 +160,45 @@ class SamWidget(SamPanel):
             slot = t(method, f"button:{method.__name__}")
             button.clicked.connect(lambda _checked=False, slot=slot: slot())
 
+        # Viewer events outlive the widget: each connection is recorded so that closing the
+        # widget releases it (see _releaser).
         layers = self.viewer.layers.events
-        layers.inserted.connect(t(self._refresh_layer_choices, "layers"))
-        layers.removed.connect(t(self._on_layer_removed, "layers"))
-        self.viewer.dims.events.current_step.connect(t(self._on_step, "step"))
-        self.viewer.dims.events.order.connect(t(self._on_dims_order, "order"))
+        self._listen(layers.inserted, t(self._refresh_layer_choices, "layers"))
+        self._listen(layers.removed, t(self._on_layer_removed, "layers"))
+        self._listen(self.viewer.dims.events.current_step, t(self._on_step, "step"))
+        self._listen(self.viewer.dims.events.order, t(self._on_dims_order, "order"))
 
         self._download_timer = QTimer(self)
         self._download_timer.setInterval(100)
         self._download_timer.timeout.connect(t(self._show_download_progress, "download_progress"))
+
+    def _listen(self, emitter, callback) -> None:
+        emitter.connect(callback)
+        self._connections.append((emitter, callback))
+
+    def _releaser(self):
+        """A function that detaches the widget from the viewer: stops jobs, disconnects
+        events, unbinds keys. It holds no reference to the widget, so it still works while Qt
+        destroys the widget (a closed dock widget is deleted, not just hidden)."""
+        viewer, jobs, cancel_download = self.viewer, self.jobs, self._download_cancel
+        connections, prompts = self._connections, self._prompt_objects
+
+        def release(*_) -> None:
+            jobs.cancel()
+            cancel_download.set()
+            for emitter, callback in connections:
+                with contextlib.suppress(Exception):
+                    emitter.disconnect(callback)
+            connections.clear()
+            for prompt in prompts:
+                with contextlib.suppress(Exception):
+                    prompt.disconnect()
+            prompts.clear()
+            for key in KEYS:
+                with contextlib.suppress(Exception):
+                    viewer.bind_key(key, None)
+
+        return release
 
     def _bind_keys(self, provider) -> None:
         for key, method in KEYS.items():
@@ -178,22 +213,24 @@ class SamWidget(SamPanel):
         handler.__name__ = method
         return handler
 
-    def _unbind_keys(self, provider) -> None:
-        for key in KEYS:
-            with contextlib.suppress(Exception):
-                provider.bind_key(key, None)
+    def event(self, event) -> bool:
+        # napari removes a closed dock widget by un-parenting it (it is not deleted while
+        # key bindings still refer to it): that is when the widget lets go of the viewer.
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._was_docked = True
+            elif self._was_docked:
+                self._release()
+        return super().event(event)
 
     def closeEvent(self, event) -> None:
         self.cleanup()
         super().closeEvent(event)
 
     def cleanup(self) -> None:
-        """Stop jobs and release the viewer's keys (called when the dock widget closes)."""
-        self.jobs.cancel()
-        self._download_cancel.set()
-        self._unbind_keys(self.viewer)
-        with contextlib.suppress(Exception):
-            self.viewer.dims.events.current_step.disconnect(self._on_step)
+        """Detach from the viewer: stop jobs, disconnect events, release the keys (also done
+        when Qt destroys the widget)."""
+        self._release()
 
     def set_status(self, text: str, error: bool = False) -> None:
         self.status.setText(text)
@@ -266,11 +303,12 @@ class SamWidget(SamPanel):
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
+        for prompt in [p for p in self._prompt_objects if p.layer is layer]:
+            prompt.disconnect()
+            self._prompt_objects.remove(prompt)
         if self._points is not None and layer is self._points.layer:
-            self._points.disconnect()
             self._points = None
         if self._boxes is not None and layer is self._boxes.layer:
-            self._boxes.disconnect()
             self._boxes = None
         if layer is self._preview:
             self._preview, self._preview_at = None, None
@@ -341,9 +379,9 @@ class SamWidget(SamPanel):
 
     def _on_image_changed(self, *_) -> None:
         image = self.image_layer
-        if self._image is not None:
-            with contextlib.suppress(Exception):
-                self._image.events.contrast_limits.disconnect(self._on_contrast_limits)
+        for emitter, callback in [c for c in self._connections if c[1] == self._on_contrast_limits]:
+            emitter.disconnect(callback)
+            self._connections.remove((emitter, callback))
         self._image = image
         self._set_result(None)
         if self._engine is not None:
@@ -351,7 +389,7 @@ class SamWidget(SamPanel):
         if image is None:
             self.set_status("Open an image to start.")
             return
-        image.events.contrast_limits.connect(self._on_contrast_limits)
+        self._listen(image.events.contrast_limits, self._on_contrast_limits)
         self._setup_layers(image)
         self._select_matching_labels()
         self._sync_axis_combo()
@@ -497,10 +535,12 @@ class SamWidget(SamPanel):
             points = PointPrompts.make_layer(image.ndim, size=size, **geometry)
             for layer in (self._preview, boxes, points):
                 self.viewer.layers.append(layer)
+            self._prompt_objects.clear()
             self._boxes = BoxPrompts(boxes, self.timer.wrap(self._on_prompts_changed, "prompts"))
             self._points = PointPrompts(
                 points, self.timer.wrap(self._on_prompts_changed, "prompts")
             )
+            self._prompt_objects += [self._points, self._boxes]
             for layer in (points, boxes):
                 self._bind_keys(layer)
             boxes.mode = "add_rectangle"
