@@ -172,9 +172,15 @@ def test_real_engine_stays_responsive_with_a_slow_encoder(widget_on, small_model
     assert longest < 0.1, f"slot {name} took {longest * 1e3:.0f} ms"
 
 
-def test_console_session_writes_into_the_labels_layer(widget_on, small_model, qtbot):
+def test_console_session_writes_into_the_labels_layer(widget_on, small_model, qtbot, tmp_path):
+    from napari_sam.io.nifti import from_image, image_from_display
+
     volume, _ = ellipsoid_volume()
-    widget = widget_on(volume, small_model, scale=(3.0, 0.8, 0.8))
+    source = image_from_display(volume, (3.0, 0.8, 0.8), (10.0, -20.0, 5.0))  # a "scan"
+    scan = from_image(source, name="scan")  # as the plugin's reader gives it to napari
+    widget = widget_on(
+        scan.data, small_model, scale=scan.scale, translate=scan.translate, metadata=scan.metadata
+    )
     session = widget.console_session
     painted = np.zeros((72, 96), bool)
     painted[30:40, 40:60] = True
@@ -188,6 +194,17 @@ def test_console_session_writes_into_the_labels_layer(widget_on, small_model, qt
     mask = session.segment_slice(5, box=[30, 20, 70, 50], commit=False)
     assert mask.shape == (72, 96)
     assert 5 in widget._engine.cache.cached_indices()
+
+    # Saved from the console or from the layer with the plugin's writer: the same file.
+    import nibabel as nib
+
+    session.save(tmp_path / "console.nii.gz")
+    labels.save(str(tmp_path / "layer.nii.gz"), plugin="napari-sam-volumes")
+    from_console, from_layer = (nib.load(tmp_path / n) for n in ("console.nii.gz", "layer.nii.gz"))
+    np.testing.assert_allclose(from_console.affine, from_layer.affine)
+    np.testing.assert_allclose(from_console.affine, source.affine)  # lines up with the scan
+    np.testing.assert_array_equal(np.asarray(from_console.dataobj), np.asarray(from_layer.dataobj))
+    assert np.count_nonzero(np.asarray(from_console.dataobj) == 4) == painted.sum()
 
 
 def _interior_point(mask: np.ndarray) -> tuple[int, int]:

@@ -264,13 +264,22 @@ class Backend:
         finally:
             steps.close()
 
-    def make_session(self, model, volume, *, axis: int, window, labels: np.ndarray, cache):
+    def make_session(
+        self, model, volume, *, axis: int, window, labels: np.ndarray, cache, geometry: dict
+    ):
         """The scripting session for napari's console. It writes into ``labels`` (a view of
-        the widget's labels layer) and shares the widget's embedding cache."""
+        the widget's labels layer), shares the widget's embedding cache and saves in the
+        image's geometry (``geometry``: ``scale``, ``translate``, ``metadata``)."""
         from napari_sam.volume.session import VolumeSession
 
         session = VolumeSession(
-            volume, model, window=window, axis=axis, labels=labels, cache_dir=self.cache_dir()
+            volume,
+            model,
+            window=window,
+            axis=axis,
+            labels=labels,
+            cache_dir=self.cache_dir(),
+            **geometry,
         )
         if cache is not None and cache.axis == session.axis and cache.window == session.window:
             session.cache = cache  # one set of embeddings for the widget and the console

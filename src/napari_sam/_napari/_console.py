@@ -39,6 +39,7 @@ class ConsoleSession:
                 window=engine.window,
                 labels=frame.volume(labels.data),
                 cache=engine.cache,
+                geometry=widget.session_geometry(frame),
             )
             for label, indices in widget.committed(frame).items():
                 for index in indices:

@@ -635,6 +635,20 @@ class SamWidget(SamPanel):
             self._engine = engine
         return engine, setup, frame
 
+    def session_geometry(self, frame: SliceFrame) -> dict:
+        """Scale, translate and metadata of the 3D volume ``frame`` cuts out of the image, so
+        that a session saves labels that line up with the image file."""
+        image = self.image_layer
+        kept = [a for a in range(len(frame.shape)) if a not in dict(frame.fixed)]
+        if frame.axis is None:  # a 2D image is a volume of one slice
+            scale, translate = (1.0, *image.scale), (0.0, *image.translate)
+        else:
+            scale = tuple(image.scale[a] for a in kept)
+            translate = tuple(image.translate[a] for a in kept)
+        # The file's own geometry applies only when the session's volume is the whole image.
+        metadata = dict(image.metadata) if len(kept) == image.ndim == 3 else {}
+        return {"scale": scale, "translate": translate, "metadata": metadata}
+
     def committed(self, frame: SliceFrame) -> dict[int, list[int]]:
         """Label id -> slices where it was committed, for the slicing ``frame``."""
         return {k: sorted(v) for k, v in self._seeds.get((frame.axis, frame.fixed), {}).items()}
