@@ -543,6 +543,15 @@ def test_segment_everything_commits_new_ids_in_one_undo_step(make_widget, qtbot)
     labels.undo()
     np.testing.assert_array_equal(labels.data[5], first)
 
+    # Cancelled while running: nothing is written.
+    widget.backend.step_delay = 0.3
+    widget.segment_everything()
+    qtbot.waitUntil(lambda: "everything 1/2" in widget.status.text(), timeout=5000)
+    widget.cancel_button.click()
+    settle(qtbot, widget)
+    assert widget.status.text() == "Cancelled: nothing was written."
+    np.testing.assert_array_equal(labels.data[5], first)
+
 
 def test_engine_errors_are_shown_and_the_next_prompt_retries(make_widget, qtbot):
     class Broken(FakeBackend):

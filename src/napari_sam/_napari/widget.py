@@ -760,6 +760,8 @@ class SamWidget(SamPanel):
 
     def _on_segment_done(self, aborted: bool) -> None:
         self._busy(False)
+        if aborted:
+            self.set_status("Cancelled: nothing was written.")
         if self._pending:
             self.request_segment()
 
