@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -140,6 +141,10 @@ def test_existing_output_and_errors(checkpoint, tmp_path, capsys):
     assert marker.stat().st_mtime_ns == before  # nothing replaced
     assert _run(tmp_path / "p.png", "-o", out, "--model", checkpoint, "--force", *LOOSE) == 0
     assert sorted(p.name for p in out.iterdir()) == ["p"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "p").stat().st_mode & 0o777 == 0o777 & ~umask  # a normal folder
+    assert marker.stat().st_mode & 0o777 == 0o666 & ~umask
     assert _run(tmp_path / "missing.png", "-o", out, "--model", checkpoint) == 2
     assert "does not exist" in capsys.readouterr().err
     assert _run(tmp_path / "p.png", "-o", out, "--model", tmp_path / "nope.pth") == 2

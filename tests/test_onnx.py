@@ -7,6 +7,8 @@ and without a box and a mask input, for images of several sizes (the size is a g
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -200,6 +202,10 @@ def test_export_onnx_command(model, tmp_path, capsys):
 
     assert main([*argv, "--return-single-mask"]) == 0
     assert n_masks(out) == n_masks(quant) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "d8.onnx", "small.pth"]
     assert main(argv) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert main([*argv, "--force"]) == 0

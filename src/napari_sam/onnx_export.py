@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 
@@ -196,13 +196,14 @@ def dummy_inputs(model: nn.Module, num_points: int = 5) -> dict[str, torch.Tenso
 def _replace_atomically(write, output: Path) -> None:
     """Call ``write(tmp_path)``, then move the file into place; nothing is left on failure."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
+    tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
+    # O_EXCL: never clobber another file; the mode follows the user's umask like a normal file.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, output)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

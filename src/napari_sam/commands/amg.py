@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -271,24 +271,23 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _write_outputs(records: list[dict[str, Any]], out_dir: Path, name: str, rle: bool) -> Path:
-    if rle:
-        final = out_dir / f"{name}.json"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-        try:
-            with open(fd, "w") as f:
-                json.dump(records, f)
-            _publish(Path(tmp), final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return final
-    final = out_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    """Write into a temporary name beside the final one, then move it into place."""
+    final = out_dir / (f"{name}.json" if rle else name)
+    tmp = out_dir / f".{final.name}.tmp-{secrets.token_hex(4)}"
     try:
-        write_masks_to_folder(records, tmp)
+        if rle:
+            # O_EXCL: never clobber another file; the mode follows the user's umask.
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
+                json.dump(records, f)
+        else:
+            tmp.mkdir(mode=0o777)
+            write_masks_to_folder(records, tmp)
         _publish(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     return final
 
