@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -14,8 +15,14 @@ from PIL import Image
 
 from napari_sam.amg_utils import coco_decode_rle, rle_to_mask
 from napari_sam.automatic import SamAutomaticMaskGenerator
-from napari_sam.cli import main
-from napari_sam.commands.amg import METADATA_HEADER, _parse_window, read_image
+from napari_sam.cli import build_parser, main
+from napari_sam.commands.amg import (
+    AMG_SETTINGS,
+    METADATA_HEADER,
+    _parse_window,
+    amg_kwargs,
+    read_image,
+)
 from napari_sam.intensity import to_rgb_uint8
 from napari_sam.models.build import build_sam
 from napari_sam.registry import ModelSpec
@@ -154,3 +161,19 @@ def test_existing_output_and_errors(checkpoint, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     assert _run(tmp_path / "bad.png", "-o", out, "--model", checkpoint) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_amg_settings_reach_the_generator():
+    argv = "amg x.png -o out --model-type vit_t --crop-n-layers 1 --crop-overlap-ratio 0.25"
+    argv += " --min-mask-region-area 10 --box-nms-thresh 0.5"
+    args = build_parser().parse_args(argv.split())
+    assert args.model == "vit_t"
+    assert amg_kwargs(args) == {
+        "crop_n_layers": 1,
+        "crop_overlap_ratio": 0.25,
+        "min_mask_region_area": 10,
+        "box_nms_thresh": 0.5,
+    }
+    # Every option maps to a keyword the generator accepts.
+    accepted = inspect.signature(SamAutomaticMaskGenerator).parameters
+    assert all(o[2:].replace("-", "_") in accepted for o, _, _ in AMG_SETTINGS)
