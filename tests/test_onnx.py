@@ -215,3 +215,22 @@ def test_export_onnx_command(model, tmp_path, capsys):
         == 2
     )
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_official_decoder_size(tmp_path):
+    # Every official model has this decoder: 64 x 64 embeddings, 256 x 256 low-res masks.
+    model = build_sam("vit_t")
+    path = export_decoder(model, tmp_path / "vit_t_decoder.onnx", gelu_approximate=True)
+    graph = onnx.load(str(path)).graph
+    shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert shape == [1, 256, 64, 64]
+    assert [d.dim_value for d in graph.input[3].type.tensor_type.shape.dim] == [1, 1, 256, 256]
+    assert all(m.approximate == "none" for m in model.modules() if isinstance(m, torch.nn.GELU))
+    p = SamPredictor(model)
+    p.set_image_embedding(torch.randn(1, 256, 64, 64), (300, 500))
+    inputs = onnx_inputs(p.transform, (300, 500), p.features, [[100.0, 200.0]], [1])
+    masks = ort.InferenceSession(str(path)).run(None, inputs)[0]
+    expected = p.predict(np.array([[100.0, 200.0]]), np.array([1]), return_logits=True)[0]
+    assert masks.shape == (1, 4, 300, 500)
+    # tanh GELU: close to the exact decoder, not equal.
+    assert np.abs(masks[0, 1:] - expected).max() < 0.05

@@ -31,6 +31,7 @@ import os
 import secrets
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -67,7 +68,8 @@ class SamOnnxDecoder(nn.Module):
     Parameters
     ----------
     model : Sam
-        Its ``prompt_encoder`` and ``mask_decoder`` are used (not copied).
+        Its ``prompt_encoder`` and ``mask_decoder`` are used (not copied); anything with those
+        and ``image_size``, ``mask_threshold`` (and optionally ``is_medsam``) will do.
     return_single_mask : bool
         Return only one mask: token 0 when there are more than two points (a box or several
         clicks), else the best of the three multimask outputs by predicted IoU.
@@ -252,18 +254,27 @@ def export_decoder(
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
     output = Path(output)
-    model = copy.deepcopy(model).to("cpu").eval()
+    # Copies of the two small modules only (never the image encoder, up to 2.5 GB): the user's
+    # model keeps its device and its GELUs.
+    decoder_only = SimpleNamespace(
+        prompt_encoder=copy.deepcopy(model.prompt_encoder).to("cpu").eval(),
+        mask_decoder=copy.deepcopy(model.mask_decoder).to("cpu").eval(),
+        image_size=model.image_size,
+        is_medsam=getattr(model, "is_medsam", False),
+        mask_threshold=model.mask_threshold,
+    )
     if gelu_approximate:
-        for module in model.modules():
-            if isinstance(module, nn.GELU):
-                module.approximate = "tanh"
+        for part in (decoder_only.prompt_encoder, decoder_only.mask_decoder):
+            for module in part.modules():
+                if isinstance(module, nn.GELU):
+                    module.approximate = "tanh"
     wrapper = SamOnnxDecoder(
-        model,
+        decoder_only,
         return_single_mask=return_single_mask,
         use_stability_score=use_stability_score,
         return_extra_metrics=return_extra_metrics,
     )
-    inputs = dummy_inputs(model)
+    inputs = dummy_inputs(decoder_only)
     wrapper(**inputs)  # fail here, with a PyTorch error, rather than inside the exporter
 
     def write(path: Path) -> None:
