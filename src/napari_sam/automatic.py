@@ -16,7 +16,7 @@ and output records) with four differences that change no mask:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,15 @@ class AmgProgress:
     done: int
     total: int
     stage: str
+
+
+def _run(steps: Generator) -> Any:
+    """Drive a step generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _take(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
@@ -245,12 +254,7 @@ class SamAutomaticMaskGenerator:
             ``output_mode``), ``area`` (int), ``bbox`` (XYWH), ``predicted_iou``,
             ``point_coords`` ([[x, y]]), ``stability_score``, ``crop_box`` (XYWH).
         """
-        steps = self.iter_generate(image, embedding=embedding)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return _run(self.iter_generate(image, embedding=embedding))
 
     def iter_generate(
         self, image: np.ndarray, embedding: torch.Tensor | np.ndarray | None = None
@@ -584,9 +588,4 @@ def segment_everything(
     ndarray of int32, shape (H, W)
         0 = background, ``k`` = the ``k``-th largest mask (see :func:`masks_to_labels`).
     """
-    steps: Iterator = iter_segment_everything(predictor_or_model, image, embedding, **amg_kwargs)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return _run(iter_segment_everything(predictor_or_model, image, embedding, **amg_kwargs))
