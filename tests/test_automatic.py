@@ -420,7 +420,6 @@ def test_parity_point_aware_default_filters(disk_pair, image):
     _assert_same_records(ours, ref)
 
 
-@pytest.mark.slow
 def test_parity_crops_and_small_regions(disk_pair, image, reference_cv2):
     kwargs = {
         "points_per_side": 6,
@@ -459,7 +458,6 @@ def trained_pair():
     return ours, _reference_model(ours.state_dict(), vit, window)
 
 
-@pytest.mark.slow
 def test_trained_model_parity_and_objects(trained_pair):
     # Real masks from trained weights, filtered by the model's own scores (thresholds lowered
     # for this tiny model, whose predicted IoUs are modest).
