@@ -103,9 +103,20 @@ class SamPredictor:
         Converts the images given to :meth:`set_image` into ``H x W x 3`` uint8 RGB. Default:
         :func:`default_to_uint8` (uint8 as is, other dtypes min-max). Volumes should pass a window
         from :mod:`napari_sam.intensity` so every slice is converted the same way.
+    fast : bool or {"auto", "fp32", "int8", "bf16"}
+        False (default): the exact float32 path, equal to segment_anything's. True or a
+        precision: run :func:`napari_sam.speed.optimize` on the model first (the fast twin
+        shares its weights; ``self.model`` is then the fast model). True means ``"auto"``: the
+        fastest path whose masks agree with the exact ones at IoU >= 0.99.
     """
 
-    def __init__(self, sam_model, to_uint8: ToUint8 | None = None) -> None:
+    def __init__(
+        self, sam_model, to_uint8: ToUint8 | None = None, fast: bool | str = False
+    ) -> None:
+        if fast is not False:
+            from napari_sam.speed import optimize
+
+            sam_model = optimize(sam_model, "auto" if fast is True else fast)
         self.model = sam_model
         self.transform: ResizeLongestSide = transform_for(sam_model)
         self.to_uint8: ToUint8 = to_uint8 or default_to_uint8
@@ -287,7 +298,7 @@ class SamPredictor:
         point_labels: np.ndarray | None = None,
         box: np.ndarray | None = None,
         mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
+        multimask_output: bool | str = True,
         return_logits: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for the current image from prompts.
@@ -302,8 +313,10 @@ class SamPredictor:
             ``(x0, y0, x1, y1)`` in pixels.
         mask_input : ndarray, shape (1, L, L), optional
             Low-resolution logits from a previous call (``L = 256`` for official models).
-        multimask_output : bool
-            Three candidate masks (recommended for a single click) instead of one.
+        multimask_output : bool or "best"
+            Three candidate masks (recommended for a single click) instead of one. ``"best"``:
+            decode the three and return only the one with the highest predicted IoU (C = 1);
+            only that one is resized to the image, which saves most of a click's resizing.
         return_logits : bool
             Return logits instead of boolean masks.
 
@@ -343,7 +356,7 @@ class SamPredictor:
         point_labels: torch.Tensor | None,
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
-        multimask_output: bool = True,
+        multimask_output: bool | str = True,
         return_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched prediction; coordinates already in the encoder frame.
@@ -355,7 +368,9 @@ class SamPredictor:
         point_labels : Tensor, shape (B, N), optional
         boxes : Tensor, shape (B, 4), optional
         mask_input : Tensor, shape (B, 1, L, L), optional
-        multimask_output, return_logits : bool
+        multimask_output : bool or "best"
+            As in :meth:`predict` (``"best"``: per prompt set).
+        return_logits : bool
             As in :meth:`predict`.
 
         Returns
@@ -365,6 +380,11 @@ class SamPredictor:
         low_res_logits : Tensor, shape (B, C, L, L)
         """
         self._require_image()
+        best = isinstance(multimask_output, str)
+        if best and multimask_output != "best":
+            raise ValueError(
+                f"multimask_output must be True, False or 'best', got {multimask_output!r}"
+            )
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         low_res, iou = self.model.mask_decoder(
@@ -372,8 +392,12 @@ class SamPredictor:
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
+            multimask_output=bool(multimask_output),
         )
+        if best:
+            rows = torch.arange(iou.shape[0], device=iou.device)
+            chosen = iou.argmax(dim=1)
+            low_res, iou = low_res[rows, chosen][:, None], iou[rows, chosen][:, None]
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold

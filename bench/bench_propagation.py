@@ -1,0 +1,144 @@
+"""Propagation of one object over 100 slices with cached embeddings: reference vs exact vs fast.
+
+Usage::
+
+    python bench/bench_propagation.py [--slices 100] [--repeats 3]
+
+The embeddings are given (as from a full embedding cache), so this times what the user waits
+for after pressing "propagate": per slice the previous mask becomes a dense prompt plus its box,
+one decoder call, the mask resized to the slice and the stop rules. The control loop is
+:func:`napari_sam.volume.propagation.propagate` for everybody; only the predictor differs: the
+reference is segment_anything's ``SamPredictor`` (behind a two-method adapter), "exact" and
+"fast" are ours. The slices' embeddings are one encoded image plus a slowly drifting
+perturbation, so the object persists through the volume; the stop rules are relaxed so every
+variant walks every slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import common
+import numpy as np
+import torch
+
+SLICE = 512  # slice side in pixels
+
+
+class ReferenceAdapter:
+    """segment_anything's predictor with the two things ``propagate`` needs besides it."""
+
+    def __init__(self, predictor, transform) -> None:
+        self._p = predictor
+        self.transform = transform  # same geometry as the reference's, plus input_size()
+
+    @property
+    def device(self):
+        return self._p.device
+
+    def set_image_embedding(self, embedding, original_size, input_size=None) -> None:
+        p = self._p
+        p.reset_image()
+        p.features = embedding
+        p.original_size = tuple(original_size)
+        p.input_size = tuple(input_size or self.transform.input_size(original_size))
+        p.is_image_set = True
+
+    def predict_torch(self, *args, **kwargs):
+        return self._p.predict_torch(*args, **kwargs)
+
+
+def slice_embeddings(base: torch.Tensor, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` embeddings drifting smoothly away from ``base`` (a random walk of 1 % steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = float(base.std()) * 0.01
+    out, current = [], base.clone()
+    for _ in range(count):
+        current = current + torch.randn(base.shape, generator=gen) * scale
+        out.append(current.clone())
+    return out
+
+
+def seed_mask(size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    return (yy - 0.5 * size) ** 2 + (xx - 0.45 * size) ** 2 < (0.15 * size) ** 2
+
+
+def run(predictor, embeddings, input_size) -> dict[int, np.ndarray]:
+    from napari_sam.volume.propagation import propagate
+
+    def get(index):
+        return embeddings[index], (SLICE, SLICE), input_size
+
+    steps = propagate(
+        get,
+        predictor,
+        {1: {0: seed_mask(SLICE)}},
+        num_slices=len(embeddings),
+        directions="forward",
+        min_pred_iou=-np.inf,  # random weights predict meaningless (even negative) IoUs
+        min_iou_prev=0.0,
+    )
+    masks = {}
+    for step in steps:
+        masks.update({step.index: step.masks[1]} if 1 in step.masks else {})
+    return masks
+
+
+def bench(name: str, slices: int, repeats: int) -> dict:
+    from napari_sam import SamPredictor
+
+    ref_model, ours = common.model_pair(name)
+    exact = SamPredictor(ours)
+    with torch.no_grad():
+        exact.set_image(common.test_image(SLICE, SLICE))
+    embeddings = slice_embeddings(exact.features, slices + 1)
+    input_size = exact.input_size
+    predictors = {
+        "reference": ReferenceAdapter(common.reference_predictor(name, ref_model), exact.transform),
+        "exact": exact,
+        "fast": SamPredictor(ours, fast=True),
+    }
+    with torch.no_grad():
+        results = {k: run(p, embeddings, input_size) for k, p in predictors.items()}
+        times = common.interleaved(
+            {k: (lambda p=p: run(p, embeddings, input_size)) for k, p in predictors.items()},
+            repeats,
+            warmup=0,
+        )
+    summary = common.summarise(times, "reference")
+    for key, masks in results.items():
+        common_slices = sorted(set(masks) & set(results["exact"]))
+        ious = [common.mask_iou(masks[i], results["exact"][i]) for i in common_slices]
+        summary[key].update(
+            slices=len(masks),
+            min_iou=float(min(ious)) if ious else float("nan"),
+            mean_iou=float(np.mean(ious)) if ious else float("nan"),
+            per_slice_ms=1e3 * summary[key]["median_s"] / max(len(masks), 1),
+        )
+    return {"times": times, "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_b", choices=["vit_b", "vit_t"])
+    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    print("machine:", common.machine())
+    result = bench(args.model, args.slices, args.repeats)
+    title = f"propagation: one object over {args.slices} slices ({args.model}, {SLICE} px)"
+    columns = {
+        "median s": lambda s: f"{s['median_s']:.2f}",
+        "ms / slice": lambda s: f"{s['per_slice_ms']:.1f}",
+        "ratio": lambda s: f"{s['ratio']:.2f}x",
+        "slices": lambda s: str(s["slices"]),
+        "min mask IoU": lambda s: f"{s['min_iou']:.4f}",
+    }
+    return common.report(title, result, columns, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

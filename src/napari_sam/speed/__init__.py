@@ -1,0 +1,248 @@
+"""The fast inference path: one call turns an exact model into a fast one.
+
+::
+
+    from napari_sam import load_model, SamPredictor
+    from napari_sam.speed import optimize
+
+    model = load_model("vit_b")          # exact float32, equal to Meta's implementation
+    fast = optimize(model)               # same weights (shared), fast kernels, best precision
+    predictor = SamPredictor(model, fast=True)   # the same thing through the predictor
+
+The fast model (:class:`~napari_sam.speed.sam.FastSam`) is a :class:`~napari_sam.models.sam.Sam`
+with the same interface and state dict; everything that takes a model (``SamPredictor``,
+``EmbeddingCache``, propagation, ``SamAutomaticMaskGenerator``) takes it too. What it changes:
+
+- image encoder: fused SDPA attention with the relative-position bias built a few heads at a
+  time, no work on window padding, oneDNN-fused linear/convolution + bias + GELU (TinyViT: with
+  BatchNorm folded, in channels-last memory), and a ``precision`` (below);
+- mask decoder: the same mathematics re-associated around the few prompt tokens, the first
+  layer's prompt-independent half computed once per image, the upscaling as fused GEMMs;
+- masks: one bilinear resampling from the low-res logits to the image size (the exact path
+  resamples twice through an ``S x S`` intermediate).
+
+Precisions
+----------
+``"fp32"``
+    Float32 throughout; equal to the exact path up to float rounding (about 1e-5).
+``"int8"``
+    The ViT's ``Linear`` layers in int8 with dynamic activation quantisation (CPU only; the
+    other layers stay float32). About twice as fast per linear layer on a CPU with VNNI.
+``"bf16"``
+    The encoder under ``torch.autocast`` to bfloat16: for CUDA GPUs, and CPUs with AMX.
+``"auto"``
+    What :func:`choose_precision` picks: the fastest that keeps masks at IoU >= 0.99 with the
+    exact path on this project's agreement tests (see ``docs/performance.md``).
+
+Embeddings from a fast model differ slightly from exact ones: cache them under
+``FastSam.encoder_settings`` (``EmbeddingCache(..., encoder_settings=encoder_settings(model))``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "PRECISIONS",
+    "Capabilities",
+    "FastSam",
+    "capabilities",
+    "choose_precision",
+    "encoder_settings",
+    "optimize",
+]
+
+Precision = Literal["auto", "fp32", "int8", "bf16"]
+PRECISIONS = ("auto", "fp32", "int8", "bf16")
+
+# Part of every fast model's cache key: bump it when the fast path's numerics change.
+FAST_PATH_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the fast path can use on one device.
+
+    Attributes
+    ----------
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"mps"``...
+    int8 : bool
+        CPU int8 GEMM kernels (PyTorch's quantised ``linear_dynamic``) that work here.
+    vnni : bool
+        The CPU multiplies int8 without saturation (AVX-512 VNNI / AVX-VNNI).
+    bf16 : bool
+        The device computes in bfloat16 at all (CPU: AVX-512 BF16 or AMX).
+    bf16_fast : bool
+        bfloat16 is faster than float32 here: CUDA with bf16 support, or a CPU with AMX
+        tiles. AVX-512 BF16 alone is not: its bf16 dot product has the throughput of float32
+        FMA, and measured slower through PyTorch.
+    fused_kernels : bool
+        oneDNN's fused linear/convolution ops (CPU).
+    """
+
+    device: str
+    int8: bool
+    vnni: bool
+    bf16: bool
+    bf16_fast: bool
+    fused_kernels: bool
+
+
+def _cpu_flag(name: str) -> bool:
+    probe = getattr(torch.cpu, f"_is_{name}_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def capabilities(device: str | torch.device = "cpu") -> Capabilities:
+    """Probe what the fast path can use on ``device`` (cheap after the first call)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        from napari_sam.speed.int8 import int8_available
+        from napari_sam.speed.kernels import fused_conv_available, fused_linear_available
+
+        amx = _cpu_flag("amx_tile")
+        return Capabilities(
+            device="cpu",
+            int8=int8_available(),
+            vnni=_cpu_flag("vnni"),
+            bf16=_cpu_flag("avx512_bf16") or amx,
+            bf16_fast=amx,
+            fused_kernels=fused_linear_available() and fused_conv_available(),
+        )
+    if device.type == "cuda":
+        bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        return Capabilities("cuda", False, False, bf16, bf16, False)
+    return Capabilities(device.type, False, False, False, False, False)
+
+
+def choose_precision(model, device: str | torch.device | None = None) -> str:
+    """The precision ``"auto"`` means for ``model`` on ``device`` (default: the model's).
+
+    CUDA with bf16: ``"bf16"``. CPU: ``"int8"`` for ViT encoders (vit_b/l/h, MedSAM) where
+    int8 kernels and VNNI exist (measured 1.5x faster than fast float32 on the encoder here,
+    masks at IoU >= 0.99); ``"fp32"`` for TinyViT (int8 measured no faster on its narrow
+    layers) and everywhere else. bf16 on AMX CPUs is available but not chosen: it was not
+    measured on this project's machines.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    caps = capabilities(device)
+    if device.type == "cuda":
+        return "bf16" if caps.bf16_fast else "fp32"
+    if device.type == "cpu" and caps.int8 and caps.vnni and _encoder_kind(model) == "vit":
+        return "int8"
+    return "fp32"
+
+
+def encoder_settings(model) -> str:
+    """What a model's image embeddings depend on besides its weights ("" for exact models)."""
+    return str(getattr(model, "encoder_settings", ""))
+
+
+def optimize(model, precision: Precision | str = "auto"):
+    """Return the fast twin of an exact :class:`~napari_sam.models.sam.Sam`.
+
+    Parameters
+    ----------
+    model : Sam
+        An exact model on the device it will run on (move it first: the int8 weights are
+        packed for the CPU). It is not modified; the fast model shares its parameters.
+    precision : {"auto", "fp32", "int8", "bf16"}
+        See the module documentation.
+
+    Returns
+    -------
+    FastSam
+        In eval mode, inference only. ``fast.precision`` says what was chosen.
+
+    Raises
+    ------
+    ValueError
+        For an unknown precision, or one this device cannot run (int8 off the CPU or without
+        int8 kernels, bf16 where the device has none).
+    """
+    from napari_sam.models.sam import Sam
+    from napari_sam.speed.decoder import FastMaskDecoder
+    from napari_sam.speed.sam import FastPromptEncoder, FastSam
+
+    if isinstance(model, FastSam):
+        if precision in ("auto", model.precision):
+            return model
+        raise ValueError(
+            f"this model is already a fast model ({model.precision}); call optimize() on the "
+            "exact model to get another precision"
+        )
+    if not isinstance(model, Sam):
+        raise TypeError(f"optimize() takes a napari_sam Sam model, got {type(model).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    device = _model_device(model)
+    if precision == "auto":
+        precision = choose_precision(model, device)
+    caps = capabilities(device)
+    if precision == "int8" and not (device.type == "cpu" and caps.int8):
+        raise ValueError(
+            f"int8 needs a CPU and PyTorch's CPU int8 kernels; this model is on {device} "
+            f"(int8 kernels {'found' if caps.int8 else 'missing'}). Use precision='auto'."
+        )
+    if precision == "bf16" and not caps.bf16:
+        raise ValueError(f"{device} has no bfloat16 support; use precision='fp32' or 'auto'")
+
+    encoder = _fast_encoder(model.image_encoder, precision)
+    prompt_encoder = FastPromptEncoder(model.prompt_encoder)
+    decoder = FastMaskDecoder(model.mask_decoder, prompt_encoder.no_mask_embed)
+    return FastSam(
+        model,
+        encoder,
+        prompt_encoder,
+        decoder,
+        precision=precision,
+        encoder_settings=f"fast-v{FAST_PATH_VERSION}-{precision}",
+    )
+
+
+def _fast_encoder(encoder, precision: str):
+    from napari_sam.models.image_encoder import ImageEncoderViT
+    from napari_sam.models.tiny_vit import TinyViT
+    from napari_sam.speed.int8 import DynamicInt8Linear
+    from napari_sam.speed.kernels import FusedLinear
+    from napari_sam.speed.tiny_vit import FastTinyViT
+    from napari_sam.speed.vit import FastImageEncoderViT
+
+    linear = DynamicInt8Linear if precision == "int8" else FusedLinear
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    if isinstance(encoder, ImageEncoderViT):
+        return FastImageEncoderViT(encoder, linear, autocast_dtype=dtype)
+    if isinstance(encoder, TinyViT):
+        return FastTinyViT(encoder, linear, autocast_dtype=dtype)
+    raise TypeError(f"no fast path for image encoders of type {type(encoder).__name__}")
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _encoder_kind(model) -> str:
+    spec = getattr(model, "spec", None)
+    if spec is not None:
+        return spec.encoder
+    from napari_sam.models.tiny_vit import TinyViT
+
+    return "tiny_vit" if isinstance(model.image_encoder, TinyViT) else "vit"
+
+
+def __getattr__(name: str):
+    if name == "FastSam":
+        from napari_sam.speed.sam import FastSam
+
+        return FastSam
+    raise AttributeError(f"module 'napari_sam.speed' has no attribute {name!r}")

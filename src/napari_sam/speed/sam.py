@@ -1,0 +1,158 @@
+"""FastSam: the fast twin of a :class:`~napari_sam.models.sam.Sam`, sharing its weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_sam.models.prompt_encoder import PromptEncoder
+from napari_sam.models.sam import Sam
+from napari_sam.speed.kernels import DerivedWeights
+
+__all__ = ["FastPromptEncoder", "FastSam"]
+
+
+class FastPromptEncoder(PromptEncoder):
+    """The prompt encoder with its dense positional encoding computed once, not per prompt.
+
+    Holds the exact encoder's submodules (same state-dict keys, shared parameters); the
+    encoding is recomputed when the random-frequency matrix changes (e.g. a state dict is
+    loaded). The returned tensor is shared: do not modify it in place.
+    """
+
+    def __init__(self, prompt_encoder: PromptEncoder) -> None:
+        nn.Module.__init__(self)
+        self.embed_dim = prompt_encoder.embed_dim
+        self.image_embedding_size = prompt_encoder.image_embedding_size
+        self.input_image_size = prompt_encoder.input_image_size
+        self.mask_input_size = prompt_encoder.mask_input_size
+        self.pe_layer = prompt_encoder.pe_layer
+        self.point_embeddings = prompt_encoder.point_embeddings
+        self.not_a_point_embed = prompt_encoder.not_a_point_embed
+        self.mask_downscaling = prompt_encoder.mask_downscaling
+        self.no_mask_embed = prompt_encoder.no_mask_embed
+        self._dense_pe = DerivedWeights(
+            lambda: (self.pe_layer.positional_encoding_gaussian_matrix,),
+            lambda: (PromptEncoder.get_dense_pe(self),),
+        )
+
+    def get_dense_pe(self) -> torch.Tensor:
+        return self._dense_pe.get()[0]
+
+
+class FastSam(Sam):
+    """A :class:`Sam` whose modules run the fast path; same interface and state dict.
+
+    Build one with :func:`napari_sam.speed.optimize`. Its parameters are the exact model's
+    (shared): loading weights into either changes both. Inference only.
+
+    Attributes
+    ----------
+    precision : str
+        What the encoder runs in: ``"fp32"``, ``"int8"`` or ``"bf16"``.
+    encoder_settings : str
+        Names everything besides the weights that the image embeddings depend on; use it as
+        the ``encoder_settings`` of an embedding cache so that fast and exact embeddings are
+        never mixed.
+    """
+
+    def __init__(
+        self,
+        exact: Sam,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: nn.Module,
+        *,
+        precision: str,
+        encoder_settings: str,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.spec = exact.spec
+        self.register_buffer("pixel_mean", exact.pixel_mean, False)
+        self.register_buffer("pixel_std", exact.pixel_std, False)
+        self.precision = precision
+        self.encoder_settings = encoder_settings
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FastSam:
+        if mode:
+            raise RuntimeError(
+                "the fast model is for inference only; train the exact model it was made from"
+            )
+        # Only the fast path's own modules: the shared ones belong to the exact model, whose
+        # mode is left as its owner set it (the fast forward never depends on it).
+        for module in self.modules():
+            if type(module).__module__.startswith("napari_sam.speed"):
+                module.training = False
+        return self
+
+    def postprocess_masks(
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """Low-res logits -> original size, the exact path's resampling without its detour.
+
+        The exact path resamples bilinearly to ``S x S``, crops the padding and resamples to
+        the original size. Both steps are linear and separable, so their composition is one
+        sparse matrix per axis (at most four low-res taps per output pixel): applying it gives
+        the same logits up to float rounding, without the ``S x S`` intermediate.
+        """
+        original_size = (int(original_size[0]), int(original_size[1]))
+        if self.is_medsam:
+            return super().postprocess_masks(masks, input_size, original_size)
+        low_h, low_w = masks.shape[-2:]
+        rows = self._taps(low_h, int(input_size[0]), original_size[0], masks.device)
+        cols = self._taps(low_w, int(input_size[1]), original_size[1], masks.device)
+        out = _apply_taps(masks, -2, *rows)
+        return _apply_taps(out, -1, *cols)
+
+    def _taps(self, low: int, n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (low, n_in, n_out, str(device))
+        cache = self.__dict__.setdefault("_taps_cache", {})
+        if key not in cache:
+            if len(cache) >= 16:
+                cache.pop(next(iter(cache)))
+            cache[key] = tuple(
+                t.to(device) for t in resampling_taps(low, self.image_size, n_in, n_out)
+            )
+        return cache[key]
+
+
+def resampling_taps(
+    low: int, size: int, n_in: int, n_out: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact path's 1-D resampling ``low -> size -> crop n_in -> n_out`` as sparse taps.
+
+    Returns
+    -------
+    index : Tensor, shape (n_out, T), int64
+        Low-res positions read by each output position.
+    weight : Tensor, shape (n_out, T), float32
+        Their weights (0 for padding taps).
+    """
+    # Resampling the identity gives the operator itself, with PyTorch's own weights.
+    basis = torch.eye(low, dtype=torch.float32).view(1, low, low, 1)
+    up = F.interpolate(basis, size=(size, 1), mode="bilinear", align_corners=False)
+    down = F.interpolate(up[:, :, :n_in], size=(n_out, 1), mode="bilinear", align_corners=False)
+    operator = down[0, :, :, 0].T  # n_out x low
+    nonzero = operator != 0
+    taps = max(int(nonzero.sum(dim=1).max()), 1)
+    # Nonzero columns first (stable), then any zero columns as padding taps of weight 0.
+    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :taps]
+    return order, torch.gather(operator, 1, order)
+
+
+def _apply_taps(x: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor):
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    out = None
+    for t in range(index.shape[1]):
+        term = x.index_select(dim, index[:, t]).mul_(weight[:, t].view(shape))
+        out = term if out is None else out.add_(term)
+    return out

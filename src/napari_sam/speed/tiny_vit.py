@@ -1,0 +1,265 @@
+"""A faster forward pass for MobileSAM's TinyViT encoder, sharing the exact model's weights.
+
+Same mathematics as :class:`~napari_sam.models.tiny_vit.TinyViT`, arranged for a CPU:
+
+- every convolution has its BatchNorm folded in and runs in channels-last memory with its GELU
+  (or the MBConv residual addition) fused by oneDNN; the attention stages keep their
+  ``B x H x W x C`` tokens, which *are* channels-last, so no layout copies are made;
+- attention runs in PyTorch's fused (flash) SDPA kernel with the bias as a 4-D mask;
+- query/key/value are projected for the image's tokens only; the padding tokens of the windows
+  (zeros before the block's norm) all get the same projection, computed once;
+- optionally the ``Linear`` layers run in int8.
+
+Submodules keep the exact model's names and parameters, so the state dict is the exact model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_sam.models import tiny_vit as tv
+from napari_sam.speed.kernels import (
+    DerivedWeights,
+    FusedLinear,
+    autocast,
+    conv2d,
+    fold_batch_norm,
+)
+
+__all__ = ["FastTinyViT"]
+
+LinearFactory = Callable[[nn.Linear], nn.Module]
+
+
+class FastConvBN(nn.Module):
+    """A :class:`~napari_sam.models.tiny_vit.Conv2dBN` as one convolution (BatchNorm folded)."""
+
+    def __init__(self, conv_bn: tv.Conv2dBN) -> None:
+        super().__init__()
+        self.c = conv_bn.c
+        self.bn = conv_bn.bn
+        bn = self.bn
+        self._folded = DerivedWeights(
+            lambda: (self.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var),
+            lambda: fold_batch_norm(self.c, self.bn),
+        )
+
+    def forward(
+        self, x: torch.Tensor, activation: str | None = None, add: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        weight, bias = self._folded.get()
+        c = self.c
+        return conv2d(
+            x,
+            weight,
+            bias,
+            stride=c.stride[0],
+            padding=c.padding[0],
+            groups=c.groups,
+            activation=activation,
+            add=add,
+        )
+
+
+class FastTinyViT(nn.Module):
+    """Fast twin of a :class:`~napari_sam.models.tiny_vit.TinyViT` (same input and output).
+
+    Parameters
+    ----------
+    encoder : TinyViT
+        The exact encoder; its parameters are shared, not copied.
+    linear : callable
+        Turns each ``nn.Linear`` of the attention stages into the module to use.
+    autocast_dtype : torch.dtype, optional
+        Run under ``torch.autocast`` to this dtype; the output is float32 either way.
+    """
+
+    def __init__(
+        self,
+        encoder: tv.TinyViT,
+        linear: LinearFactory = FusedLinear,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.autocast_dtype = autocast_dtype
+        self.img_size = encoder.img_size
+        self.in_chans = encoder.in_chans
+        self.patch_embed = FastPatchEmbed(encoder.patch_embed)
+        layers = []
+        for layer in encoder.layers:
+            if isinstance(layer, tv.ConvLayer):
+                layers.append(FastConvLayer(layer))
+            else:
+                layers.append(FastBasicLayer(layer, linear))
+        self.layers = nn.ModuleList(layers)
+        self.neck = encoder.neck
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_chans, self.img_size, self.img_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"TinyViT expects a B x {expected[0]} x {expected[1]} x {expected[2]} tensor, "
+                f"got shape {tuple(x.shape)}; resize and pad images to img_size first "
+                "(Sam.preprocess does this)"
+            )
+        with autocast(x.device, self.autocast_dtype):
+            x = self.patch_embed(x.float().contiguous(memory_format=torch.channels_last))
+            for layer in self.layers:
+                x = layer(x)
+            return _neck(self.neck, x).float().contiguous()
+
+
+def _neck(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The shared neck (conv 1x1, LayerNorm2d, conv 3x3, LayerNorm2d) in channels-last."""
+    conv1, norm1, conv2, norm2 = neck
+    x = conv2d(x, conv1.weight, None)
+    x = _layer_norm_2d(x, norm1)
+    x = conv2d(x, conv2.weight, None, padding=conv2.padding[0])
+    return _layer_norm_2d(x, norm2)
+
+
+def _layer_norm_2d(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    # Channels-last NCHW is NHWC in memory: normalise the last axis of that view.
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
+    return y.permute(0, 3, 1, 2)
+
+
+class FastPatchEmbed(nn.Module):
+    def __init__(self, patch_embed: tv.PatchEmbed) -> None:
+        super().__init__()
+        conv1, _act, conv2 = patch_embed.seq
+        self.seq = nn.ModuleList([FastConvBN(conv1), nn.Identity(), FastConvBN(conv2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq[2](self.seq[0](x, "gelu"))
+
+
+class FastMBConv(nn.Module):
+    def __init__(self, block: tv.MBConv) -> None:
+        super().__init__()
+        self.conv1 = FastConvBN(block.conv1)
+        self.conv2 = FastConvBN(block.conv2)
+        self.conv3 = FastConvBN(block.conv3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.conv1(x, "gelu"), "gelu")
+        return self.conv3(y, "gelu", add=x)
+
+
+class FastPatchMerging(nn.Module):
+    def __init__(self, merging: tv.PatchMerging) -> None:
+        super().__init__()
+        self.conv1 = FastConvBN(merging.conv1)
+        self.conv2 = FastConvBN(merging.conv2)
+        self.conv3 = FastConvBN(merging.conv3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.conv1(x, "gelu"), "gelu"))
+
+
+class FastConvLayer(nn.Module):
+    def __init__(self, layer: tv.ConvLayer) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(FastMBConv(b) for b in layer.blocks)
+        self.downsample = (
+            FastPatchMerging(layer.downsample) if layer.downsample is not None else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class FastBasicLayer(nn.Module):
+    def __init__(self, layer: tv.BasicLayer, linear: LinearFactory) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(FastTinyViTBlock(b, linear) for b in layer.blocks)
+        self.downsample = (
+            FastPatchMerging(layer.downsample) if layer.downsample is not None else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-last B x C x H x W is a contiguous B x H x W x C: a view, not a copy.
+        x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        for block in self.blocks:
+            x = block(x)
+        x = x.permute(0, 3, 1, 2)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class FastTinyViTBlock(nn.Module):
+    def __init__(self, block: tv.TinyViTBlock, linear: LinearFactory) -> None:
+        super().__init__()
+        self.window_size = block.window_size
+        self.attn = FastWindowAttention(block.attn, linear)
+        self.mlp = FastMlp(block.mlp, linear)
+        self.local_conv = FastConvBN(block.local_conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        ws = self.window_size
+        qkv = self.attn.project(x)
+        hp, wp = h + (-h % ws), w + (-w % ws)
+        if (hp, wp) != (h, w):
+            padded = qkv.new_empty(b, hp, wp, qkv.shape[-1])
+            padded[:, :h, :w] = qkv
+            (fill,) = self.attn.padding_qkv.get()
+            padded[:, h:] = fill
+            padded[:, :h, w:] = fill
+            qkv = padded
+        nh, nw = hp // ws, wp // ws
+        windows = qkv.view(b, nh, ws, nw, ws, -1).transpose(2, 3).reshape(b * nh * nw, ws * ws, -1)
+        out = self.attn.attend(windows)
+        out = out.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
+        if (hp, wp) != (h, w):
+            out = out[:, :h, :w]
+        x = self.attn.proj(out).add_(x)
+        # B x H x W x C is channels-last B x C x H x W: the depthwise conv reads it in place.
+        x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.mlp(x).add_(x)
+
+
+class FastWindowAttention(nn.Module):
+    def __init__(self, attn: tv.Attention, linear: LinearFactory) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.norm = attn.norm
+        self.qkv = linear(attn.qkv)
+        self.proj = linear(attn.proj)
+        self.attention_biases = attn.attention_biases
+        self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs, persistent=False)
+        # Window padding is zeros before the norm: one projection serves every padding token.
+        self.padding_qkv = DerivedWeights(
+            lambda: (self.norm.weight, self.norm.bias, self.qkv.weight, self.qkv.bias),
+            lambda: (self.project(self.norm.weight.new_zeros(1, self.norm.weight.shape[0]))[0],),
+        )
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv(self.norm(x))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``B x N x (heads * 3d)`` -> ``B x N x (heads * d)``, before the output projection."""
+        b, n, _ = qkv.shape
+        # Per head the layout is [q, k, v] (MobileSAM's), hence heads before the 3.
+        q, k, v = qkv.view(b, n, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        # A 4-D mask (broadcast over windows) keeps SDPA on its fused kernel.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+
+class FastMlp(nn.Module):
+    def __init__(self, mlp: tv.Mlp, linear: LinearFactory) -> None:
+        super().__init__()
+        self.norm = mlp.norm
+        self.fc1 = linear(mlp.fc1)
+        self.fc2 = linear(mlp.fc2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(self.norm(x), activation="gelu"))

@@ -1,0 +1,344 @@
+"""The fast path (napari_sam.speed): agreement with the exact path, API, capability fallbacks.
+
+Agreement bar (issue 7): masks of the fast path agree with the exact float32 path at IoU >= 0.99
+on the predictor parity cases. Small configs run by default (they take the same code paths:
+padded attention windows, global blocks, TinyViT stages); full-size vit_b / vit_t are slow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import napari_sam
+from napari_sam import SamPredictor, speed
+from napari_sam.registry import ModelSpec, get_spec
+from napari_sam.speed.sam import FastSam, resampling_taps
+from test_predictor import _image
+
+SMALL_VIT = ModelSpec(
+    name="test_small_vit",
+    encoder="vit",
+    # grid 16 with window 14: padded windows; block 1 global
+    encoder_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)},
+    image_size=256,
+    test_fixture=True,
+)
+SMALL_TINY = get_spec("vit_t").replace(image_size=256)  # stage grids 64/32/16/16: padding too
+FIXTURE = Path(__file__).parent / "data" / "sam_test_tiny.safetensors"
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
+    return model.eval()
+
+
+def _cases(h: int, w: int) -> list[dict]:
+    p, n = np.array([[0.4 * w, 0.5 * h]]), np.array([[0.7 * w, 0.3 * h]])
+    box = np.array([0.2 * w, 0.25 * h, 0.75 * w, 0.8 * h])
+    return [
+        {"point_coords": p, "point_labels": np.array([1])},
+        {"point_coords": np.vstack([p, n]), "point_labels": np.array([1, 0])},
+        {"box": box, "multimask_output": False},
+        {"box": box, "point_coords": p, "point_labels": np.array([1]), "multimask_output": False},
+        {"point_coords": p, "point_labels": np.array([1]), "multimask_output": False},
+    ]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return np.count_nonzero(a & b) / union if union else 1.0
+
+
+def _agreement(exact: SamPredictor, fast: SamPredictor, image: np.ndarray) -> dict[str, float]:
+    """Set the image in both; compare every parity case and a mask-input refinement."""
+    exact.set_image(image)
+    fast.set_image(image)
+    h, w = image.shape[:2]
+    ious, logit_diff = [], 0.0
+    for kwargs in _cases(h, w):
+        (m1, s1, l1), (m2, _, l2) = exact.predict(**kwargs), fast.predict(**kwargs)
+        refine = {
+            "point_coords": np.array([[0.45 * w, 0.55 * h]]),
+            "point_labels": np.array([1]),
+            "mask_input": l1[int(np.argmax(s1))][None],
+            "multimask_output": False,
+        }
+        (r1, _, _), (r2, _, _) = exact.predict(**refine), fast.predict(**refine)
+        ious += [_iou(a, b) for a, b in zip(m1, m2, strict=True)] + [_iou(r1[0], r2[0])]
+        logit_diff = max(logit_diff, float(np.abs(l1 - l2).max()))
+    return {
+        "min_iou": min(ious),
+        "logit_diff": logit_diff,
+        "embedding_diff": float((exact.features - fast.features).abs().max()),
+    }
+
+
+@pytest.fixture(scope="module")
+def small_vit():
+    torch.manual_seed(0)
+    return _perturb(napari_sam.build_sam(SMALL_VIT), seed=1)
+
+
+@pytest.fixture(scope="module")
+def small_tiny():
+    torch.manual_seed(0)
+    return _perturb(napari_sam.build_sam(SMALL_TINY), seed=2)
+
+
+# -- the fast model is a view of the exact one ---------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_fast_model_shares_the_exact_weights_under_the_same_names(small_vit, precision):
+    fast = speed.optimize(small_vit, precision)
+    exact_state, fast_state = small_vit.state_dict(), fast.state_dict()
+    assert list(fast_state) == list(exact_state)
+    assert all(fast_state[k].data_ptr() == exact_state[k].data_ptr() for k in exact_state)
+    assert isinstance(fast, napari_sam.Sam) and fast.precision == precision
+    assert fast.spec is small_vit.spec and fast.image_size == small_vit.image_size
+    assert speed.encoder_settings(fast) == f"fast-v{speed.FAST_PATH_VERSION}-{precision}"
+    assert speed.encoder_settings(small_vit) == ""
+    assert speed.optimize(fast) is fast
+
+
+def test_tiny_vit_fast_model_has_the_exact_state_dict(small_tiny):
+    fast = speed.optimize(small_tiny, "fp32")
+    assert list(fast.state_dict()) == list(small_tiny.state_dict())
+
+
+def test_default_predictor_is_untouched(small_vit):
+    predictor = SamPredictor(small_vit)
+    assert predictor.model is small_vit
+    assert type(SamPredictor(small_vit, fast=True).model) is FastSam
+
+
+# -- numerical agreement -------------------------------------------------------------------------
+
+
+def test_fp32_encoders_equal_the_exact_ones(small_vit, small_tiny):
+    for model in (small_vit, small_tiny):
+        x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            exact = model.image_encoder(x)
+            fast = speed.optimize(model, "fp32").image_encoder(x)
+        assert fast.shape == exact.shape and fast.is_contiguous()
+        assert (fast - exact).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fast_decoder_equals_the_exact_decoder(small_vit, with_mask, batch):
+    fast = speed.optimize(small_vit, "fp32")
+    gen = torch.Generator().manual_seed(batch)
+    emb = torch.randn(1, 256, 16, 16, generator=gen)
+    points = (torch.rand(batch, 3, 2, generator=gen) * 256, torch.randint(0, 2, (batch, 3)))
+    boxes = torch.tensor([[30.0, 40.0, 200.0, 180.0]]).expand(batch, 4)
+    masks = torch.randn(batch, 1, 64, 64, generator=gen) if with_mask else None
+    for multimask in (True, False):
+        with torch.no_grad():
+            sparse, dense = small_vit.prompt_encoder(points, boxes, masks)
+            pe = small_vit.prompt_encoder.get_dense_pe()
+            want = small_vit.mask_decoder(emb, pe, sparse, dense, multimask)
+            fpe = fast.prompt_encoder.get_dense_pe()
+            got = fast.mask_decoder(emb, fpe, sparse, dense, multimask)
+            again = fast.mask_decoder(emb, fpe, sparse, dense, multimask)  # cached image side
+        for w, g, a in zip(want, got, again, strict=True):
+            assert g.shape == w.shape
+            assert (g - w).abs().max() < 1e-4
+            assert torch.equal(g, a)
+
+
+def test_decoder_cache_follows_new_weights_and_new_embeddings(small_vit):
+    model = napari_sam.build_sam(SMALL_VIT)
+    model.load_state_dict(small_vit.state_dict())
+    fast = SamPredictor(model, fast="fp32")
+    exact = SamPredictor(model)
+    point = {"point_coords": np.array([[100.0, 120.0]]), "point_labels": np.array([1])}
+    for seed in (0, 1):
+        emb = torch.randn(1, 256, 16, 16, generator=torch.Generator().manual_seed(seed))
+        for p in (fast, exact):
+            p.set_image_embedding(emb, (256, 256))
+        assert np.abs(fast.predict(**point)[2] - exact.predict(**point)[2]).max() < 1e-4
+    # weights loaded in place into the exact model: the fast twin (and its caches) follow
+    model.load_state_dict(_perturb(napari_sam.build_sam(SMALL_VIT), seed=7).state_dict())
+    assert np.abs(fast.predict(**point)[2] - exact.predict(**point)[2]).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("input_size", "original_size"),
+    [
+        ((256, 256), (128, 128)),
+        ((165, 256), (200, 310)),
+        ((256, 97), (700, 265)),
+        ((31, 256), (31, 256)),
+    ],
+)
+def test_fast_mask_resizing_equals_the_exact_two_step_resizing(
+    small_vit, input_size, original_size
+):
+    fast = speed.optimize(small_vit, "fp32")
+    low = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    want = small_vit.postprocess_masks(low, input_size, original_size)
+    got = fast.postprocess_masks(low, input_size, original_size)
+    assert got.shape == want.shape == (2, 3, *original_size)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_resampling_taps_are_the_composed_operator():
+    index, weight = resampling_taps(64, 256, 165, 200)
+    assert index.shape == weight.shape and index.shape[1] <= 4
+    x = torch.randn(64)
+    two_step = F.interpolate(x.view(1, 1, 64, 1), (256, 1), mode="bilinear")[:, :, :165]
+    two_step = F.interpolate(two_step, (200, 1), mode="bilinear").flatten()
+    assert torch.allclose((x[index] * weight).sum(1), two_step, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_fast_predictor_masks_agree_with_the_exact_ones(small_vit, precision):
+    figures = _agreement(
+        SamPredictor(small_vit), SamPredictor(small_vit, fast=precision), _image(200, 310)
+    )
+    print(precision, figures)
+    assert figures["min_iou"] >= 0.99
+    if precision == "fp32":
+        assert figures["embedding_diff"] < 1e-4 and figures["logit_diff"] < 1e-3
+
+
+def test_fast_tiny_vit_masks_agree_with_the_exact_ones(small_tiny):
+    fast = SamPredictor(small_tiny, fast=True)
+    assert fast.model.precision == "fp32"  # int8 is not chosen for TinyViT (measured)
+    figures = _agreement(SamPredictor(small_tiny), fast, _image(240, 180, seed=3))
+    assert figures["min_iou"] >= 0.99 and figures["embedding_diff"] < 1e-4
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason="trained test fixture not in this checkout")
+def test_int8_agrees_on_a_trained_model_with_real_objects():
+    """The trained fixture segments synthetic shapes: int8 masks vs exact ones on real objects.
+
+    Every mask of 200 pixels or more, and every returned (best-scoring) mask, agrees at IoU >=
+    0.99. The tiny low-confidence candidates (tens of pixels, predicted IoU about 0) may differ
+    by a pixel or two, which is more than 1 % of them: at most 2 pixels + 1 % is allowed there.
+    """
+    from napari_sam.training.synthetic import synthetic_scene
+
+    if not speed.capabilities().int8:
+        pytest.skip("no CPU int8 kernels in this torch build")
+    model = napari_sam.load_model(FIXTURE, device="cpu")
+    exact, fast = SamPredictor(model), SamPredictor(model, fast="int8")
+    large, best = [], []
+    for seed in range(4):
+        sample = synthetic_scene(np.random.default_rng(seed))
+        exact.set_image(sample.image)
+        fast.set_image(sample.image)
+        ys, xs = np.nonzero(sample.labels == 1)
+        point = {"point_coords": np.array([[xs.mean(), ys.mean()]]), "point_labels": np.array([1])}
+        box = {"box": np.array([xs.min(), ys.min(), xs.max(), ys.max()])}
+        for prompt in (point, box):
+            (m1, s1, _), (m2, s2, _) = exact.predict(**prompt), fast.predict(**prompt)
+            assert np.argmax(s1) == np.argmax(s2)
+            best.append(_iou(m1[np.argmax(s1)], m2[np.argmax(s2)]))
+            for a, b in zip(m1, m2, strict=True):
+                union = np.count_nonzero(a | b)
+                assert np.count_nonzero(a ^ b) <= 2 + 0.01 * union
+                if union >= 200:
+                    large.append(_iou(a, b))
+    print("int8 on the trained fixture: best", min(best), "large", min(large), len(large))
+    assert min(best) >= 0.99 and len(large) >= 10 and min(large) >= 0.99
+
+
+def test_best_mask_is_the_best_of_three(small_vit):
+    for p in (SamPredictor(small_vit), SamPredictor(small_vit, fast="fp32")):
+        p.set_image(_image(120, 160))
+        point = {"point_coords": np.array([[50.0, 60.0]]), "point_labels": np.array([1])}
+        masks, scores, logits = p.predict(**point)
+        best_mask, best_score, best_logits = p.predict(multimask_output="best", **point)
+        i = int(np.argmax(scores))
+        assert best_mask.shape == (1, 120, 160) and best_score.shape == (1,)
+        assert np.array_equal(best_mask[0], masks[i]) and best_score[0] == scores[i]
+        assert np.array_equal(best_logits[0], logits[i])
+        with pytest.raises(ValueError, match="'best'"):
+            p.predict(multimask_output="all", **point)
+
+
+def test_fast_model_works_with_the_embedding_cache(small_vit):
+    from napari_sam.volume.embeddings import EmbeddingCache
+
+    fast = speed.optimize(small_vit, "fp32")
+    volume = np.stack([_image(64, 80, seed=i)[..., 0] for i in range(3)])
+    cache = EmbeddingCache(fast, volume, encoder_settings=speed.encoder_settings(fast))
+    exact_cache = EmbeddingCache(small_vit, volume, window=cache.window)
+    got, size, _ = cache.get(1)
+    want, _, _ = exact_cache.get(1)
+    assert size == (64, 80) and (got - want).abs().max() < 1e-4
+    assert cache.key()["encoder_settings"] != exact_cache.key()["encoder_settings"]
+
+
+# -- choices, capabilities and clean fallbacks ---------------------------------------------------
+
+
+def test_auto_precision_follows_the_capabilities(small_vit, small_tiny, monkeypatch):
+    caps = speed.capabilities("cpu")
+    assert caps.device == "cpu" and isinstance(caps.int8, bool)
+    expected = "int8" if caps.int8 and caps.vnni else "fp32"
+    assert speed.choose_precision(small_vit) == expected
+    assert speed.choose_precision(small_tiny) == "fp32"
+    no_int8 = speed.Capabilities("cpu", False, False, False, False, True)
+    monkeypatch.setattr(speed, "capabilities", lambda device="cpu": no_int8)
+    assert speed.choose_precision(small_vit) == "fp32"
+    assert speed.optimize(small_vit).precision == "fp32"  # falls back, no error
+    with pytest.raises(ValueError, match="int8 needs a CPU"):
+        speed.optimize(small_vit, "int8")
+    with pytest.raises(ValueError, match="no bfloat16 support"):
+        speed.optimize(small_vit, "bf16")
+
+
+def test_bad_arguments_are_refused_clearly(small_vit):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        speed.optimize(small_vit, "float8")
+    with pytest.raises(TypeError, match="Sam model"):
+        speed.optimize(torch.nn.Linear(2, 2))
+    fast = speed.optimize(small_vit, "fp32")
+    with pytest.raises(ValueError, match="already a fast model"):
+        speed.optimize(fast, "int8")
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+
+
+def test_bf16_runs_where_the_cpu_has_it(small_vit):
+    if not speed.capabilities().bf16:
+        pytest.skip("this CPU has no bfloat16")
+    fast = SamPredictor(small_vit, fast="bf16")
+    exact = SamPredictor(small_vit)
+    image = _image(200, 310)
+    fast.set_image(image)
+    exact.set_image(image)
+    assert fast.features.dtype == torch.float32
+    rel = (fast.features - exact.features).norm() / exact.features.norm()
+    assert 0 < rel < 0.05  # really bf16, and close
+
+
+# -- full size -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_b", "vit_t"])
+def test_full_size_fast_path_agrees_with_the_exact_path(name):
+    torch.manual_seed(0)
+    model = _perturb(napari_sam.build_sam(name), seed=0)
+    fast = SamPredictor(model, fast=True)
+    figures = _agreement(SamPredictor(model), fast, _image(480, 640))
+    print(name, fast.model.precision, figures)
+    assert figures["min_iou"] >= 0.99
