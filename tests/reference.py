@@ -165,3 +165,50 @@ def __getattr__(name):
 
         return mobile_sam
     raise AttributeError(name)
+
+
+def build_reference_sam(
+    image_size: int,
+    vit: dict,
+    *,
+    window_size: int = 14,
+    state_dict: dict | None = None,
+):
+    """segment_anything's ``Sam`` at any encoder size, as its own builder composes it.
+
+    ``vit`` holds ``embed_dim``, ``depth``, ``num_heads`` and ``global_attn_indexes``. With a
+    ``state_dict`` the weights are loaded strictly; the model is returned in eval mode.
+    """
+    from functools import partial
+
+    m = segment_anything.modeling
+    grid = image_size // 16
+    sam = m.Sam(
+        image_encoder=m.ImageEncoderViT(
+            img_size=image_size,
+            patch_size=16,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            qkv_bias=True,
+            use_rel_pos=True,
+            window_size=window_size,
+            out_chans=256,
+            **{**vit, "global_attn_indexes": list(vit["global_attn_indexes"])},
+        ),
+        prompt_encoder=m.PromptEncoder(
+            embed_dim=256,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=m.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+    if state_dict is not None:
+        sam.load_state_dict(state_dict, strict=True)
+    return sam.eval()

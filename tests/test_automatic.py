@@ -12,7 +12,6 @@ generator decodes through amg_decoder.decode_shared, tested against the model's 
 from __future__ import annotations
 
 import copy
-import functools
 import sys
 import types
 
@@ -216,36 +215,7 @@ def _perturb(model: nn.Module, seed: int) -> None:
 
 
 def _reference_model(state_dict, vit: dict = SMALL_VIT, window_size: int = 14) -> nn.Module:
-    m = ref_sa.modeling
-    grid = SIZE // 16
-    sam = m.Sam(
-        image_encoder=m.ImageEncoderViT(
-            img_size=SIZE,
-            patch_size=16,
-            mlp_ratio=4,
-            norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
-            qkv_bias=True,
-            use_rel_pos=True,
-            window_size=window_size,
-            out_chans=256,
-            **{**vit, "global_attn_indexes": list(vit["global_attn_indexes"])},
-        ),
-        prompt_encoder=m.PromptEncoder(
-            embed_dim=256,
-            image_embedding_size=(grid, grid),
-            input_image_size=(SIZE, SIZE),
-            mask_in_chans=16,
-        ),
-        mask_decoder=m.MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-    )
-    sam.load_state_dict(state_dict, strict=True)
-    return sam.eval()
+    return reference.build_reference_sam(SIZE, vit, window_size=window_size, state_dict=state_dict)
 
 
 class _RecordingPromptEncoder(nn.Module):

@@ -63,25 +63,7 @@ def _reference_encoder(image_size: int, vit: dict) -> nn.Module:
 
 def _reference_sam(image_size: int, vit: dict, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    grid = image_size // 16
-    sam = ref_modeling.Sam(
-        image_encoder=_reference_encoder(image_size, vit),
-        prompt_encoder=ref_modeling.PromptEncoder(
-            embed_dim=256,
-            image_embedding_size=(grid, grid),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=ref_modeling.MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=ref_modeling.TwoWayTransformer(
-                depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8
-            ),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-    )
+    sam = reference.build_reference_sam(image_size, vit)
     _perturb(sam, seed)
     return sam.eval()
 

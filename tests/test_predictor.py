@@ -107,44 +107,8 @@ def _assert_parity(figures: dict[str, float]) -> None:
 
 
 def _reference_small(reference, seed: int = 0):
-    sa = reference.segment_anything
-    from functools import partial
-
     torch.manual_seed(seed)
-    kw = SMALL.encoder_kwargs
-    encoder = sa.modeling.ImageEncoderViT(
-        img_size=SMALL.image_size,
-        embed_dim=kw["embed_dim"],
-        depth=kw["depth"],
-        num_heads=kw["num_heads"],
-        global_attn_indexes=kw["global_attn_indexes"],
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=14,
-        out_chans=256,
-        mlp_ratio=4,
-        qkv_bias=True,
-    )
-    e = SMALL.image_size // 16
-    sam = sa.modeling.Sam(
-        image_encoder=encoder,
-        prompt_encoder=sa.modeling.PromptEncoder(
-            embed_dim=256,
-            image_embedding_size=(e, e),
-            input_image_size=(SMALL.image_size, SMALL.image_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=sa.modeling.MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=sa.modeling.TwoWayTransformer(
-                depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8
-            ),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-    )
-    return _perturb(sam, seed)
+    return _perturb(reference.build_reference_sam(SMALL.image_size, SMALL.encoder_kwargs), seed)
 
 
 @pytest.fixture(scope="module")
