@@ -206,7 +206,7 @@ def test_resampling_taps_are_the_composed_operator():
     assert torch.allclose((x[index] * weight).sum(1), two_step, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "auto"])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_fast_predictor_masks_agree_with_the_exact_ones(small_vit, precision):
     figures = _agreement(
         SamPredictor(small_vit), SamPredictor(small_vit, fast=precision), _image(200, 310)
@@ -219,7 +219,7 @@ def test_fast_predictor_masks_agree_with_the_exact_ones(small_vit, precision):
 
 def test_fast_tiny_vit_masks_agree_with_the_exact_ones(small_tiny):
     fast = SamPredictor(small_tiny, fast=True)
-    assert fast.model.precision == "fp32"  # int8 is not chosen for TinyViT (measured)
+    assert fast.model.precision == "fp32"
     figures = _agreement(SamPredictor(small_tiny), fast, _image(240, 180, seed=3))
     assert figures["min_iou"] >= 0.99 and figures["embedding_diff"] < 1e-4
 
@@ -292,10 +292,12 @@ def test_fast_model_works_with_the_embedding_cache(small_vit):
 def test_auto_precision_follows_the_capabilities(small_vit, small_tiny, monkeypatch):
     caps = speed.capabilities("cpu")
     assert caps.device == "cpu" and isinstance(caps.int8, bool)
-    expected = "int8" if caps.int8 and caps.vnni else "fp32"
-    assert speed.choose_precision(small_vit) == expected
-    assert speed.choose_precision(small_tiny) == "fp32"
+    # int8 misses the agreement bar at full size (docs/performance.md): never chosen on its own
+    assert speed.choose_precision(small_vit) == speed.choose_precision(small_tiny) == "fp32"
     no_int8 = speed.Capabilities("cpu", False, False, False, False, True)
+    gpu = speed.Capabilities("cuda", False, False, True, True, False)
+    monkeypatch.setattr(speed, "capabilities", lambda device="cpu": gpu)
+    assert speed.choose_precision(small_vit, "cuda") == "bf16"  # the device-agnostic choice
     monkeypatch.setattr(speed, "capabilities", lambda device="cpu": no_int8)
     assert speed.choose_precision(small_vit) == "fp32"
     assert speed.optimize(small_vit).precision == "fp32"  # falls back, no error
@@ -338,7 +340,15 @@ def test_bf16_runs_where_the_cpu_has_it(small_vit):
 def test_full_size_fast_path_agrees_with_the_exact_path(name):
     torch.manual_seed(0)
     model = _perturb(napari_sam.build_sam(name), seed=0)
+    exact = SamPredictor(model)
     fast = SamPredictor(model, fast=True)
-    figures = _agreement(SamPredictor(model), fast, _image(480, 640))
+    figures = _agreement(exact, fast, _image(480, 640))
     print(name, fast.model.precision, figures)
-    assert figures["min_iou"] >= 0.99
+    assert fast.model.precision == "fp32"
+    assert figures["min_iou"] >= 0.99 and figures["embedding_diff"] < 1e-3
+    if name == "vit_b" and speed.capabilities().int8:
+        # int8 is opt-in because it misses the bar here (docs/performance.md): keep its measured
+        # agreement from getting worse unnoticed.
+        int8 = _agreement(exact, SamPredictor(model, fast="int8"), _image(480, 640))
+        print("int8", int8)
+        assert 0.95 <= int8["min_iou"] < 1.0

@@ -26,13 +26,14 @@ Precisions
 ``"fp32"``
     Float32 throughout; equal to the exact path up to float rounding (about 1e-5).
 ``"int8"``
-    The ViT's ``Linear`` layers in int8 with dynamic activation quantisation (CPU only; the
-    other layers stay float32). About twice as fast per linear layer on a CPU with VNNI.
+    The encoder's ``Linear`` layers in int8 with dynamic activation quantisation (CPU only; the
+    other layers stay float32). About twice as fast per linear layer on a CPU with VNNI, but
+    less exact: an explicit choice, never ``"auto"``.
 ``"bf16"``
     The encoder under ``torch.autocast`` to bfloat16: for CUDA GPUs, and CPUs with AMX.
 ``"auto"``
     What :func:`choose_precision` picks: the fastest that keeps masks at IoU >= 0.99 with the
-    exact path on this project's agreement tests (see ``docs/performance.md``).
+    exact path on this project's agreement tests (``"fp32"`` on CPUs, ``"bf16"`` on CUDA).
 
 Embeddings from a fast model differ slightly from exact ones: cache them under
 ``FastSam.encoder_settings`` (``EmbeddingCache(..., encoder_settings=encoder_settings(model))``).
@@ -125,18 +126,16 @@ def capabilities(device: str | torch.device = "cpu") -> Capabilities:
 def choose_precision(model, device: str | torch.device | None = None) -> str:
     """The precision ``"auto"`` means for ``model`` on ``device`` (default: the model's).
 
-    CUDA with bf16: ``"bf16"``. CPU: ``"int8"`` for ViT encoders (vit_b/l/h, MedSAM) where
-    int8 kernels and VNNI exist (measured 1.5x faster than fast float32 on the encoder here,
-    masks at IoU >= 0.99); ``"fp32"`` for TinyViT (int8 measured no faster on its narrow
-    layers) and everywhere else. bf16 on AMX CPUs is available but not chosen: it was not
-    measured on this project's machines.
+    The fastest precision that kept every mask of the agreement tests at IoU >= 0.99 with the
+    exact path: ``"bf16"`` on CUDA with bf16 support (not measured here: no GPU), ``"fp32"``
+    everywhere else. int8 is an explicit choice: 1.6x faster than fast float32 on the vit_b
+    encoder here, but its masks fell to IoU 0.975 on the random-weight parity cases (see
+    docs/performance.md). bf16 on CPUs is not chosen either: without AMX it measured slower
+    than float32, and no AMX machine was available to measure it.
     """
     device = torch.device(device) if device is not None else _model_device(model)
-    caps = capabilities(device)
-    if device.type == "cuda":
-        return "bf16" if caps.bf16_fast else "fp32"
-    if device.type == "cpu" and caps.int8 and caps.vnni and _encoder_kind(model) == "vit":
-        return "int8"
+    if device.type == "cuda" and capabilities(device).bf16_fast:
+        return "bf16"
     return "fp32"
 
 

@@ -13,7 +13,6 @@ import functools
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from napari_sam.speed.kernels import DerivedWeights
@@ -108,7 +107,8 @@ class DynamicInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         (packed,) = self._packed.get()
         y = torch.ops.quantized.linear_dynamic(x.float(), packed, self.reduce_range)
-        return F.gelu(y) if activation == "gelu" else y
+        # In place: a fresh tensor of this size costs more in page faults than the GELU.
+        return torch.ops.aten.gelu_(y) if activation == "gelu" else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

@@ -93,7 +93,7 @@ class FusedLinear(nn.Module):
                 x, self.weight, self.bias, attr, [], "none" if attr == "gelu" else ""
             )
         y = F.linear(x, self.weight, self.bias)
-        return F.gelu(y) if activation == "gelu" else y
+        return torch.ops.aten.gelu_(y) if activation == "gelu" else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fused"

@@ -29,6 +29,7 @@ from napari_sam.speed.kernels import (
     conv2d,
     fold_batch_norm,
 )
+from napari_sam.speed.windows import from_windows, to_windows
 
 __all__ = ["FastTinyViT"]
 
@@ -201,23 +202,11 @@ class FastTinyViTBlock(nn.Module):
         self.local_conv = FastConvBN(block.local_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
+        _, h, w, _ = x.shape
         ws = self.window_size
-        qkv = self.attn.project(x)
-        hp, wp = h + (-h % ws), w + (-w % ws)
-        if (hp, wp) != (h, w):
-            padded = qkv.new_empty(b, hp, wp, qkv.shape[-1])
-            padded[:, :h, :w] = qkv
-            (fill,) = self.attn.padding_qkv.get()
-            padded[:, h:] = fill
-            padded[:, :h, w:] = fill
-            qkv = padded
-        nh, nw = hp // ws, wp // ws
-        windows = qkv.view(b, nh, ws, nw, ws, -1).transpose(2, 3).reshape(b * nh * nw, ws * ws, -1)
-        out = self.attn.attend(windows)
-        out = out.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
-        if (hp, wp) != (h, w):
-            out = out[:, :h, :w]
+        (fill,) = self.attn.padding_qkv.get()
+        windows, nh, nw = to_windows(self.attn.project(x), ws, fill)
+        out = from_windows(self.attn.attend(windows), ws, nh, nw, h, w)
         x = self.attn.proj(out).add_(x)
         # B x H x W x C is channels-last B x C x H x W: the depthwise conv reads it in place.
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -30,6 +30,7 @@ from napari_sam.models.image_encoder import (
     relative_position_table,
 )
 from napari_sam.speed.kernels import FusedLinear, autocast
+from napari_sam.speed.windows import from_windows, to_windows
 
 __all__ = ["FastImageEncoderViT"]
 
@@ -105,9 +106,12 @@ class FastBlock(nn.Module):
         qkv = self.attn.qkv(self.norm1(x))
         ws = self.window_size
         if ws > 0:
-            windows, hp, wp = _partition_qkv(qkv, ws, self.attn.qkv.bias)
+            # Padding tokens are zero after the norm in the exact model: their q/k/v is the bias.
+            bias = self.attn.qkv.bias
+            fill = bias.detach().to(qkv.dtype) if bias is not None else 0.0
+            windows, nh, nw = to_windows(qkv, ws, fill)
             out = self.attn.attend(windows, (ws, ws))
-            out = _unpartition(out, ws, hp, wp, h, w)
+            out = from_windows(out, ws, nh, nw, h, w)
         else:
             out = self.attn.attend(qkv.reshape(b, h * w, -1), (h, w)).view(b, h, w, c)
         out = self.attn.proj(out)
@@ -137,36 +141,27 @@ class FastAttention(nn.Module):
         q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            h, w = size
-            rh = relative_position_table(self.rel_pos_h, h, h).to(q.dtype)
-            rw = relative_position_table(self.rel_pos_w, w, w).to(q.dtype)
-            step = max(1, BIAS_BUDGET // (b * n * n))
-            if step >= heads:
-                out = _sdpa_rel_pos(q, k, v, rh, rw, size)
-            else:
-                out = torch.cat(
-                    [
-                        _sdpa_rel_pos(
-                            q[:, i : i + step], k[:, i : i + step], v[:, i : i + step], rh, rw, size
-                        )
-                        for i in range(0, heads, step)
-                    ],
-                    dim=1,
-                )
-        return out.transpose(1, 2).reshape(b, n, c3 // 3)
-
-
-def _sdpa_rel_pos(q, k, v, rh, rw, size):
-    b, heads, n, d = q.shape
-    h, w = size
-    grid_q = q.reshape(b, heads, h, w, d)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rh)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rw)
-    # Written into a fresh contiguous tensor: the einsums may return permuted layouts.
-    bias = q.new_empty(b, heads, h, w, h, w)
-    torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=bias)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(b, heads, n, n))
+            return out.transpose(1, 2).reshape(b, n, c3 // 3)
+        h, w = size
+        grid_q = q.reshape(b, heads, h, w, -1)
+        rh = relative_position_table(self.rel_pos_h, h, h).to(q.dtype)
+        rw = relative_position_table(self.rel_pos_w, w, w).to(q.dtype)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rw)
+        step = min(heads, max(1, BIAS_BUDGET // (b * n * n)))
+        # One bias buffer for all head groups: a fresh 128 MiB tensor per group costs more in
+        # page faults than filling it.
+        bias = q.new_empty(b, step, h, w, h, w)
+        out = q.new_empty(b, n, heads, q.shape[-1])
+        for i in range(0, heads, step):
+            group = slice(i, min(i + step, heads))
+            mask = bias[:, : group.stop - i]
+            torch.add(rel_h[:, group, ..., None], rel_w[:, group, ..., None, :], out=mask)
+            part = F.scaled_dot_product_attention(
+                q[:, group], k[:, group], v[:, group], attn_mask=mask.view(b, -1, n, n)
+            )
+            out[:, :, group] = part.transpose(1, 2)
+        return out.view(b, n, c3 // 3)
 
 
 class FastMLP(nn.Module):
@@ -182,31 +177,3 @@ class FastMLP(nn.Module):
         if self._fused_gelu:
             return self.lin2(self.lin1(x, activation="gelu"))
         return self.lin2(self.act(self.lin1(x)))
-
-
-def _partition_qkv(
-    qkv: torch.Tensor, ws: int, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, int, int]:
-    """``B x H x W x 3C`` -> ``(B * windows) x ws^2 x 3C``, padding tokens set to ``bias``.
-
-    Padding tokens are zero after the norm in the exact model, so their projection is the bias.
-    """
-    b, h, w, c3 = qkv.shape
-    hp, wp = h + (-h % ws), w + (-w % ws)
-    if (hp, wp) != (h, w):
-        padded = qkv.new_empty(b, hp, wp, c3)
-        padded[:, :h, :w] = qkv
-        fill = bias.detach().to(qkv.dtype) if bias is not None else 0.0
-        padded[:, h:, :] = fill
-        padded[:, :h, w:] = fill
-        qkv = padded
-    windows = qkv.view(b, hp // ws, ws, wp // ws, ws, c3).permute(0, 1, 3, 2, 4, 5)
-    return windows.reshape(-1, ws * ws, c3), hp, wp
-
-
-def _unpartition(windows: torch.Tensor, ws: int, hp: int, wp: int, h: int, w: int) -> torch.Tensor:
-    """``(B * windows) x ws^2 x C`` -> ``B x H x W x C`` without the padding (contiguous)."""
-    c = windows.shape[-1]
-    nh, nw = hp // ws, wp // ws
-    x = windows.view(-1, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, hp, wp, c)
-    return x[:, :h, :w].contiguous() if (hp, wp) != (h, w) else x
