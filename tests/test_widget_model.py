@@ -269,7 +269,7 @@ def test_trained_model_segments_and_propagates_synthetic_objects(make_napari_vie
     found = labels.data == 1
     dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
     print(f"propagated from slice {z}: Dice {dice:.3f}")
-    assert dice >= 0.8
+    assert dice >= 0.85
 
     labels.undo()  # the propagation is one undo step: only the committed slice remains
     np.testing.assert_array_equal(labels.data[z], seed)
