@@ -351,3 +351,13 @@ def test_full_size_fast_path_agrees_with_the_exact_path(name):
         int8 = _agreement(exact, SamPredictor(model, fast="int8"), _image(480, 640))
         print("int8", int8)
         assert 0.95 <= int8["min_iou"] < 1.0
+
+
+def test_fast_and_exact_embeddings_never_share_a_cache_key(small_vit, tmp_path):
+    from napari_sam.volume.embeddings import EmbeddingCache
+
+    volume = np.zeros((2, 40, 40), np.uint8)
+    exact = EmbeddingCache(small_vit, volume, cache_dir=tmp_path)
+    fast = EmbeddingCache(speed.optimize(small_vit, "fp32"), volume, cache_dir=tmp_path)
+    assert exact.encoder_settings == ""
+    assert fast.encoder_settings.startswith("fast-")

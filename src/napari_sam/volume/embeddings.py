@@ -121,7 +121,8 @@ class EmbeddingCache:
         Bound of the in-memory store, in slices (bytes: ``max_memory_slices * 256 * E * E * 4``;
         4 MiB per slice for official models).
     encoder_settings : str
-        Anything else the encoder output depends on (e.g. ``"bf16"``); part of the key.
+        Anything else the encoder output depends on; part of the key, after the model's own
+        ``encoder_settings`` (set by :func:`napari_sam.speed.optimize`).
     encode_fn : callable, optional
         ``encode_fn(model, rgb_uint8) -> (embedding 1x256xExE, input_size)``; default
         :func:`napari_sam.predictor.encode_image`.
@@ -172,7 +173,10 @@ class EmbeddingCache:
             window = make_window(volume, "auto")
         self.window = window
         self.max_memory_slices = int(max_memory_slices)
-        self.encoder_settings = str(encoder_settings)
+        # The model's own settings (a fast model's precision) always join the key, so fast and
+        # exact embeddings of the same volume never share a store.
+        own = str(getattr(model, "encoder_settings", ""))
+        self.encoder_settings = ":".join(s for s in (own, str(encoder_settings)) if s)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         if encode_fn is None:
             from napari_sam.predictor import encode_image as encode_fn
