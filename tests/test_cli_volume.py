@@ -59,6 +59,31 @@ def test_segment_box_propagates(scan, tmp_path, capsys):
     assert [i for i in range(only.shape[0]) if only[i].any()] == [z]
 
 
+def test_segment_runs_the_fast_path_by_default_and_exact_on_request(scan, tmp_path, monkeypatch):
+    import napari_sam.speed as speed
+
+    made = []
+    real = speed.with_precision
+
+    def spy(model, precision="auto"):
+        out = real(model, precision)
+        made.append((precision, type(out).__name__))
+        return out
+
+    monkeypatch.setattr(speed, "with_precision", spy)
+    path, truth = scan
+    z, box = largest_slice_box(truth, 1)
+    argv = ["segment", str(path), "--slice", str(z), "--box", *map(str, box), "--model", MODEL]
+    fast, exact = tmp_path / "fast.nii.gz", tmp_path / "exact.nii.gz"
+    assert main([*argv, "--no-cache", "-o", str(fast), "--quiet"]) == 0
+    assert main([*argv, "--no-cache", "--precision", "exact", "-o", str(exact), "--quiet"]) == 0
+    assert made == [("auto", "FastSam"), ("exact", "Sam")]
+    a, b = read_nifti(fast).data, read_nifti(exact).data
+    agreement = dice(a == 1, b == 1)
+    print(f"fast vs exact labels: Dice {agreement:.5f}")
+    assert agreement >= 0.99 and dice(a == 1, truth == 1) >= 0.9
+
+
 def test_segment_prompts_json_several_objects(scan, tmp_path):
     path, truth = scan
     z1, box1 = largest_slice_box(truth, 1)

@@ -361,3 +361,20 @@ def test_fast_and_exact_embeddings_never_share_a_cache_key(small_vit, tmp_path):
     fast = EmbeddingCache(speed.optimize(small_vit, "fp32"), volume, cache_dir=tmp_path)
     assert exact.encoder_settings == ""
     assert fast.encoder_settings.startswith("fast-")
+
+
+def test_with_precision_is_the_one_switch_of_the_widget_and_the_command_line():
+    from napari_sam.commands.amg import PRECISION_CHOICES
+    from napari_sam.speed import INFERENCE_PRECISIONS, with_precision
+    from napari_sam.speed.sam import FastSam
+    from testmodel import load_test_model
+
+    assert PRECISION_CHOICES == INFERENCE_PRECISIONS  # the parser's copy stays in step
+    model = load_test_model()
+    assert with_precision(model, "exact") is model
+    fast = with_precision(model, "auto")
+    assert isinstance(fast, FastSam) and fast.precision == "fp32"
+    with pytest.raises(ValueError, match="already a fast model"):
+        with_precision(fast, "exact")
+    with pytest.raises(ValueError, match="auto, exact, fp32, int8, bf16"):
+        with_precision(model, "fastest")

@@ -71,14 +71,17 @@ class FakeBackend(Backend):
     def devices(self):
         return ["auto", "cpu"]
 
+    def speeds(self):
+        return [("Fast", "auto"), ("Exact", "exact")]
+
     def window_options(self):
         return [WindowOption("Auto", "auto"), WindowOption("napari", "contrast_limits")]
 
     def cache_dir(self):
         return None
 
-    def load_model(self, source, device):
-        self.loaded.append((source, device))
+    def load_model(self, source, device, precision):
+        self.loaded.append((source, device, precision))
         return object()
 
     def make_predictor(self, model):
@@ -501,9 +504,22 @@ def test_window_choice_reaches_the_engine_and_contrast_limits_follow(make_widget
     image.contrast_limits = (80.0, 120.0)
     settle(qtbot, widget)
     assert len(caches) == 2 and widget._engine.window == ("contrast_limits", (80.0, 120.0))
-    assert widget.backend.loaded == [("fake", "auto")]  # the model itself is kept
+    assert widget.backend.loaded == [("fake", "auto", "auto")]  # the model itself is kept
     widget.commit()
     np.testing.assert_array_equal(widget.labels_layer.data == 1, disc((40, 50), 25, 20, 2 * R))
+
+
+def test_speed_choice_reloads_the_model_at_that_precision(make_widget, qtbot):
+    viewer, _image, widget = make_widget(VOLUME)
+    viewer.dims.set_current_step(0, 2)
+    widget.points_layer.add([2, 20, 20])
+    settle(qtbot, widget)
+    assert widget.backend.loaded == [("fake", "auto", "auto")]  # fast by default
+    widget.speed_combo.setCurrentIndex(widget.speed_combo.findData("exact"))
+    widget.points_layer.add([2, 20, 30])
+    settle(qtbot, widget)
+    assert widget.backend.loaded[-1] == ("fake", "auto", "exact")
+    assert len(widget.backend.caches) == 2  # exact embeddings are not the fast ones
 
 
 def test_polygon_is_a_box_plus_mask_prompt(make_widget, qtbot):
@@ -557,10 +573,10 @@ def test_engine_errors_are_shown_and_the_next_prompt_retries(make_widget, qtbot)
     class Broken(FakeBackend):
         fail = True
 
-        def load_model(self, source, device):
+        def load_model(self, source, device, precision):
             if self.fail:
                 raise FileNotFoundError("weights.pth is not a checkpoint file")
-            return super().load_model(source, device)
+            return super().load_model(source, device, precision)
 
     viewer, _image, widget = make_widget(VOLUME, backend=Broken())
     viewer.dims.set_current_step(0, 2)

@@ -139,6 +139,30 @@ def test_real_engine_click_commit_propagate(widget_on, small_model, qtbot):
     assert widget.points_layer.data.shape == (0, 3)
 
 
+def test_real_engine_is_fast_by_default_and_exact_on_request(widget_on, small_model, qtbot):
+    from napari_sam.speed.sam import FastSam
+
+    volume, _ = ellipsoid_volume()
+    widget = widget_on(volume, small_model)
+    assert widget.speed_combo.currentData() == "auto"
+    widget.viewer.dims.set_current_step(0, 3)
+    widget.points_layer.add([3, 36, 48])
+    settle(qtbot, widget)
+    fast = widget._result
+    assert isinstance(widget._engine.model, FastSam) and widget._engine.model.precision == "fp32"
+    assert fast is not None and fast.mask.any(), widget.status.text()
+
+    widget.speed_combo.setCurrentIndex(widget.speed_combo.findData("exact"))
+    widget.request_segment()
+    settle(qtbot, widget)
+    exact = widget._result
+    assert widget._engine.model is small_model  # the model as given, no fast twin
+    # Same prompt, same masks: the fast path keeps the exact numbers (float rounding only).
+    for a, b in zip(fast.masks, exact.masks, strict=True):
+        assert np.logical_xor(a, b).sum() <= 0.0001 * a.size
+    np.testing.assert_allclose(fast.ious, exact.ious, atol=1e-4)
+
+
 def test_real_engine_stays_responsive_with_a_slow_encoder(widget_on, small_model, qtbot):
     volume, truth = ellipsoid_volume()
     backend = SlowEncoder(delay=0.3)
@@ -189,8 +213,9 @@ def test_console_session_writes_into_the_labels_layer(widget_on, small_model, qt
     labels = widget.labels_layer
     np.testing.assert_array_equal(labels.data[2] == 4, painted)
     assert session.labels.base is labels.data or session.labels is labels.data
-    # The session shares the widget's model and embeddings.
-    assert session.model is small_model
+    # The session shares the widget's model (its fast twin, by default) and embeddings.
+    assert session.model is widget._engine.model
+    assert session.model.image_encoder.patch_embed is small_model.image_encoder.patch_embed
     mask = session.segment_slice(5, box=[30, 20, 70, 50], commit=False)
     assert mask.shape == (72, 96)
     assert 5 in widget._engine.cache.cached_indices()

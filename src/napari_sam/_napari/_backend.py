@@ -125,14 +125,29 @@ class Backend:
             found.append("mps")
         return found
 
-    def load_model(self, source: Any, device: str):
+    def speeds(self) -> list[tuple[str, str]]:
+        """(label, precision) choices; the first is the default."""
+        from napari_sam.speed import capabilities
+
+        found = [("Fast", "auto"), ("Exact", "exact")]
+        if capabilities("cpu").int8:
+            found.append(("int8 (approximate)", "int8"))
+        return found
+
+    def load_model(self, source: Any, device: str, precision: str = "exact"):
         """A registry name (not downloaded here: the widget asks first), a checkpoint path, or
-        an already built model (used as is)."""
+        an already built model; run at ``precision`` (see :func:`napari_sam.speed.with_precision`).
+        """
         from napari_sam import weights
+        from napari_sam.speed import with_precision
+        from napari_sam.speed.sam import FastSam
 
         if not isinstance(source, (str, Path)):
-            return source
-        return weights.load_model(source, device=device, download=False)
+            if isinstance(source, FastSam):  # already made fast by its owner: used as is
+                return source
+            return with_precision(source, precision)
+        model = weights.load_model(source, device=device, download=False)
+        return with_precision(model, precision)
 
     def model_name(self, model) -> str:
         spec = getattr(model, "spec", None)

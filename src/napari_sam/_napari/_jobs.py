@@ -43,6 +43,7 @@ class Setup:
 
     model_source: Any
     device: str
+    precision: str
     volume: Any
     engine_axis: int
     window_mode: str
@@ -106,7 +107,7 @@ def prepare(backend: Backend, setup: Setup, engine: Engine | None):
     engine to use."""
     if engine is None or engine.model_key != setup.model_key:
         yield "Loading the model…"
-        model = backend.load_model(setup.model_source, setup.device)
+        model = backend.load_model(setup.model_source, setup.device, setup.precision)
         engine = Engine(setup.model_key, model, backend.make_predictor(model))
     if engine.cache_key != setup.cache_key:
         yield "Preparing the intensity window…"

@@ -39,6 +39,12 @@ class SamPanel(QWidget):
         self.download_cancel_button = QPushButton("Cancel download")
         self.download_progress = QProgressBar()
         self.device_combo = QComboBox()
+        self.speed_combo = QComboBox()
+        self.speed_combo.setToolTip(
+            "Fast: the same masks as the exact model, computed faster (the default). Exact: "
+            "the numbers of Meta's implementation. int8: a quantised encoder, faster still on "
+            "CPUs, with slightly different masks."
+        )
         self.window_combo = QComboBox()
         self.axis_combo = QComboBox()
 
@@ -88,7 +94,7 @@ class SamPanel(QWidget):
         form.addRow(
             "", _row(self.download_button, self.download_progress, self.download_cancel_button)
         )
-        form.addRow("Device", self.device_combo)
+        form.addRow("Device", _row(self.device_combo, QLabel("Speed"), self.speed_combo))
         form.addRow("Intensity", self.window_combo)
         form.addRow("Slice axis", self.axis_combo)
         return group

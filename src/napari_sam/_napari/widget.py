@@ -122,6 +122,8 @@ class SamWidget(SamPanel):
 
         for name in self.backend.devices():
             self.device_combo.addItem(name, name)
+        for label, precision in self.backend.speeds():
+            self.speed_combo.addItem(label, precision)
         for option in self.backend.window_options():
             self.window_combo.addItem(option.label, option.mode)
         self._fill_models()
@@ -142,6 +144,7 @@ class SamWidget(SamPanel):
         self.image_combo.currentIndexChanged.connect(t(self._on_image_changed, "image"))
         self.model_combo.currentIndexChanged.connect(t(self._on_model_changed, "model"))
         self.device_combo.currentIndexChanged.connect(t(self._on_model_changed, "device"))
+        self.speed_combo.currentIndexChanged.connect(t(self._on_model_changed, "speed"))
         self.window_combo.currentIndexChanged.connect(t(self._on_settings_changed, "window"))
         self.axis_combo.activated.connect(t(self._on_axis_chosen, "axis"))
         self.labels_combo.currentIndexChanged.connect(t(self._on_labels_changed, "labels"))
@@ -601,14 +604,16 @@ class SamWidget(SamPanel):
         image = self.image_layer
         source = self.model_combo.currentData()
         device = self.device_combo.currentData() or "auto"
+        precision = self.speed_combo.currentData() or "auto"
         mode = self.window_combo.currentData() or "auto"
         limits = tuple(map(float, image.contrast_limits)) if mode == "contrast_limits" else None
         data = image.data[0] if image.multiscale else image.data
-        model_key = (source if isinstance(source, (str, Path)) else id(source), device)
+        model_key = (source if isinstance(source, (str, Path)) else id(source), device, precision)
         cache_key = (model_key, id(data), frame.axis, frame.fixed, mode, limits)
         return Setup(
             model_source=source,
             device=device,
+            precision=precision,
             volume=frame.volume(data),
             engine_axis=frame.engine_axis,
             window_mode=mode,

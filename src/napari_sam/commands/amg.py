@@ -29,6 +29,7 @@ import numpy as np
 __all__ = [
     "add_model_options",
     "add_parser",
+    "add_precision_option",
     "load_model_or_fail",
     "read_image",
     "run",
@@ -71,6 +72,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     add_model_options(p)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    add_precision_option(p)
     p.add_argument(
         "--convert-to-rle",
         action="store_true",
@@ -106,13 +108,32 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, help="weights file for the named model")
 
 
+# napari_sam.speed.INFERENCE_PRECISIONS, spelled out so that building the parser (and --help)
+# does not import torch; a test keeps the two equal.
+PRECISION_CHOICES = ("auto", "exact", "fp32", "int8", "bf16")
+
+
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    """``--precision``: the fast path by default, ``exact`` for Meta's numbers."""
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISION_CHOICES,
+        help="auto (default): the fastest path that keeps the exact masks; exact: the model as "
+        "Meta's code runs it; int8: quantised encoder, faster on CPUs, approximate; fp32, bf16",
+    )
+
+
 def load_model_or_fail(args: argparse.Namespace, device: str):
-    """:func:`~napari_sam.weights.load_model` with user errors as one-line CommandErrors."""
+    """:func:`~napari_sam.weights.load_model` (at ``args.precision`` when the command has
+    that option) with user errors as one-line CommandErrors."""
     from napari_sam.cli import CommandError
+    from napari_sam.speed import with_precision
     from napari_sam.weights import WeightsUnavailableError, load_model
 
     try:
-        return load_model(args.model, checkpoint=args.checkpoint, device=device)
+        model = load_model(args.model, checkpoint=args.checkpoint, device=device)
+        return with_precision(model, getattr(args, "precision", "exact"))
     except (ValueError, FileNotFoundError, WeightsUnavailableError) as exc:
         raise CommandError(str(exc)) from None
 

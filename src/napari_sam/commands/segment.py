@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_sam.commands.amg import add_precision_option
+
 __all__ = ["ObjectPrompts", "SlicePrompt", "add_parser", "load_prompts", "parse_window", "run"]
 
 
@@ -144,6 +146,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    add_precision_option(p)
 
 
 def parse_window(text: str) -> str | tuple[float, float]:
@@ -344,6 +347,7 @@ def open_session(args: argparse.Namespace, volume: Any):
             axis=args.axis,
             cache_dir=cache_dir,
             device=args.device,
+            precision=args.precision,
         )
     except CommandError:
         raise

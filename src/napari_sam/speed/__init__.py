@@ -47,6 +47,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "INFERENCE_PRECISIONS",
     "PRECISIONS",
     "Capabilities",
     "FastSam",
@@ -54,10 +55,13 @@ __all__ = [
     "choose_precision",
     "encoder_settings",
     "optimize",
+    "with_precision",
 ]
 
 Precision = Literal["auto", "fp32", "int8", "bf16"]
 PRECISIONS = ("auto", "fp32", "int8", "bf16")
+# What the widget and the command line offer: "exact" is the model as loaded (equal to Meta's).
+INFERENCE_PRECISIONS = ("auto", "exact", "fp32", "int8", "bf16")
 
 # Part of every fast model's cache key: bump it when the fast path's numerics change.
 FAST_PATH_VERSION = 1
@@ -204,6 +208,32 @@ def optimize(model, precision: Precision | str = "auto"):
         precision=precision,
         encoder_settings=f"fast-v{FAST_PATH_VERSION}-{precision}",
     )
+
+
+def with_precision(model, precision: str = "auto"):
+    """The model to run for a precision choice: ``"exact"`` -> ``model`` itself, else
+    :func:`optimize` ``(model, precision)``.
+
+    This is the one switch behind the widget's "Speed" choice and the command line's
+    ``--precision``, which default to ``"auto"`` (the fastest path that keeps the masks of the
+    exact one); the Python API stays exact unless asked.
+
+    Raises
+    ------
+    ValueError
+        For an unknown choice, with the valid ones; or as :func:`optimize`.
+    """
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}; got {precision!r}"
+        )
+    if precision == "exact":
+        from napari_sam.speed.sam import FastSam
+
+        if isinstance(model, FastSam):
+            raise ValueError("this model is already a fast model; pass the exact model instead")
+        return model
+    return optimize(model, precision)
 
 
 def _fast_encoder(encoder, precision: str):

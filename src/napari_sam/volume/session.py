@@ -88,6 +88,10 @@ class VolumeSession:
     device : str
         ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``... for a model loaded by
         name or path.
+    precision : {None, "exact", "auto", "fp32", "int8", "bf16"}
+        ``None`` (default): the model as given, exact (equal to Meta's implementation) when
+        loaded by name or path; ``"auto"`` runs the fast path (:func:`napari_sam.speed.optimize`),
+        the fastest that keeps the same masks, as the widget and the command line do by default.
     labels : integer ndarray, optional
         Labels volume to write into, in place (shape = the volume's spatial shape); default a
         new ``uint16`` volume of zeros.
@@ -109,6 +113,7 @@ class VolumeSession:
         axis: int = 0,
         cache_dir: str | os.PathLike | None = None,
         device: str = "auto",
+        precision: str | None = None,
         labels: np.ndarray | None = None,
         max_memory_slices: int = 32,
         scale: Sequence[float] | None = None,
@@ -145,7 +150,16 @@ class VolumeSession:
         self.labels: np.ndarray = labels
         window = resolve_window(data, window)  # bad windows fail before a model is loaded
 
+        from napari_sam.speed import INFERENCE_PRECISIONS, with_precision
+
+        if precision is not None and precision not in INFERENCE_PRECISIONS:
+            raise ValueError(  # before the (slow) load
+                f"precision must be one of None, {', '.join(INFERENCE_PRECISIONS)}; "
+                f"got {precision!r}"
+            )
         self.model = _load(model, checkpoint, device)
+        if precision is not None:
+            self.model = with_precision(self.model, precision)
         from napari_sam.predictor import SamPredictor
 
         self.predictor = SamPredictor(self.model)
