@@ -6,6 +6,7 @@ a tiny stand-in encoder keeps the model small. Random weights (seeded): the spee
 depend on the weight values; stop rules are switched off so every slice is decoded.
 
     python bench/propagation_speed.py [--slices 100] [--size 512] [--threads 2]
+                                      [--precision auto|exact]
 
 Prints the time per slice of a bare decoder call (box + dense prompt, masks upscaled to the
 slice size) and of full propagation steps (prompts from the previous mask, decoder, stop checks,
@@ -25,6 +26,7 @@ from napari_sam.models.build import build_sam
 from napari_sam.predictor import SamPredictor
 from napari_sam.prompts import mask_to_box, mask_to_mask_input
 from napari_sam.registry import ModelSpec
+from napari_sam.speed import with_precision
 from napari_sam.volume.propagation import propagate, write_masks
 
 SPEC = ModelSpec(
@@ -63,16 +65,23 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "exact"),
+        help="auto: the fast path (the widget's and command line's default); exact",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    predictor = SamPredictor(build_sam(SPEC))
+    predictor = SamPredictor(with_precision(build_sam(SPEC), args.precision))
     cache = MemoryCache(args.slices, args.size)
     objects = discs(args.size)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
+        f"{args.precision}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs "
         f"(load average {load:.1f}), {args.slices} slices of {args.size}x{args.size}"
     )
 

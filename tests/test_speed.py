@@ -161,6 +161,18 @@ def test_fast_decoder_equals_the_exact_decoder(small_vit, with_mask, batch):
             assert torch.equal(g, a)
 
 
+def test_fast_mask_embedding_equals_the_exact_convolutions(small_vit):
+    fast = speed.optimize(small_vit, "fp32")
+    masks = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(5)) * 8
+    with torch.no_grad():
+        _, want = small_vit.prompt_encoder(None, None, masks)
+        _, got = fast.prompt_encoder(None, None, masks)
+    assert got.shape == want.shape == (3, 256, 16, 16)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    # Token order (channels last): the decoder reads it without a transposing copy.
+    assert got.permute(0, 2, 3, 1).is_contiguous()
+
+
 def test_decoder_cache_follows_new_weights_and_new_embeddings(small_vit):
     model = napari_sam.build_sam(SMALL_VIT)
     model.load_state_dict(small_vit.state_dict())

@@ -102,12 +102,16 @@ class PromptEncoder(nn.Module):
         sparse = torch.cat(tokens, dim=1).to(self.no_mask_embed.weight.dtype)
 
         if masks is not None:
-            dense = self.mask_downscaling(masks.to(self.no_mask_embed.weight.dtype))
+            dense = self._embed_masks(masks.to(self.no_mask_embed.weight.dtype))
         else:
             dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
                 bs, -1, *self.image_embedding_size
             )
         return sparse, dense
+
+    def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """``B x 1 x 4E x 4E`` mask logits -> ``B x embed_dim x E x E``."""
+        return self.mask_downscaling(masks)
 
     def _batch_size(
         self,

@@ -132,13 +132,16 @@ class FastMaskDecoder(MaskDecoder):
                 for a, b in zip(cache[0], key, strict=True)
             ):
                 return cache[1]
-        src = image_embeddings + dense[:1] if shared else image_embeddings + dense
-        keys = src.flatten(2).transpose(1, 2).contiguous()
-        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
-        state = {"keys": keys, "key_pe": key_pe, "shared": shared}
+        dense = dense[:1] if shared else dense
+        b = max(image_embeddings.shape[0], dense.shape[0])
+        # Tokens B x N x C straight from the sum, in one pass (no channels-first intermediate).
+        emb_rows, dense_rows = (t.flatten(2).transpose(1, 2) for t in (image_embeddings, dense))
+        keys = emb_rows.new_empty(b, *emb_rows.shape[1:])
+        torch.add(emb_rows, dense_rows, out=keys)
+        state = {"keys": keys, "key_pe": self._token_pe(image_pe), "shared": shared}
         if shared:
             layer = self.transformer.layers[0]
-            k = keys + key_pe
+            k = keys + state["key_pe"]
             t2i = layer.cross_attn_token_to_image
             i2t = layer.cross_attn_image_to_token
             state["t2i_k"] = t2i.k_proj(k)
@@ -147,6 +150,15 @@ class FastMaskDecoder(MaskDecoder):
             # Keep references to the key tensors so that their ids cannot be reused.
             self._image_cache = (key, state)
         return state
+
+    def _token_pe(self, image_pe: torch.Tensor) -> torch.Tensor:
+        """``image_pe`` as ``1 x N x C`` tokens, kept while it is the same tensor."""
+        cached = self.__dict__.get("_pe_cache")
+        if cached is not None and cached[0] is image_pe and cached[1] == image_pe._version:
+            return cached[2]
+        tokens = image_pe.flatten(2).transpose(1, 2).contiguous()
+        self.__dict__["_pe_cache"] = (image_pe, image_pe._version, tokens)
+        return tokens
 
     def _weights_key(self) -> tuple:
         layer = self.transformer.layers[0]

@@ -40,6 +40,53 @@ class FastPromptEncoder(PromptEncoder):
     def get_dense_pe(self) -> torch.Tensor:
         return self._dense_pe.get()[0]
 
+    def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """The mask downscaling as three small GEMMs on 4 x 4 pixel blocks.
+
+        Both stride-2 2 x 2 convolutions and the 1 x 1 one never mix blocks, so each token's
+        embedding is a function of its own 4 x 4 block of the mask: computed token by token
+        in channels-last rows, it comes out in the decoder's token order. Returned as a
+        ``B x C x E x E`` view of that ``B x E x E x C`` tensor (no transposing copy).
+        """
+        layers = list(self.mask_downscaling)
+        if not _is_mask_downscaling(layers) or masks.shape[-1] % 4 or masks.shape[-2] % 4:
+            return super()._embed_masks(masks)
+        conv1, norm1, act1, conv2, norm2, act2, conv3 = layers
+        b, _, h, w = masks.shape
+        eh, ew = h // 4, w // 4
+        # Mask row 4i + 2a + r: token row i, second-convolution tap a, first-convolution tap r.
+        blocks = masks.reshape(b, eh, 2, 2, ew, 2, 2).permute(0, 1, 4, 2, 5, 3, 6)
+        x = F.linear(blocks.reshape(-1, 4), conv1.weight.reshape(conv1.out_channels, 4), conv1.bias)
+        x = act1(F.layer_norm(x, x.shape[-1:], norm1.weight, norm1.bias, norm1.eps))
+        # Rows are now (token, a, c) x channel: the second convolution's input in (a, c, ch).
+        x = x.reshape(-1, 4 * conv1.out_channels)
+        weight2 = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.out_channels, -1)
+        x = F.linear(x, weight2, conv2.bias)
+        x = act2(F.layer_norm(x, x.shape[-1:], norm2.weight, norm2.bias, norm2.eps))
+        x = F.linear(x, conv3.weight.reshape(conv3.out_channels, -1), conv3.bias)
+        return x.reshape(b, eh, ew, -1).permute(0, 3, 1, 2)
+
+
+def _is_mask_downscaling(layers: list) -> bool:
+    """SAM's layout: conv 2x2/2, LayerNorm2d, act, conv 2x2/2, LayerNorm2d, act, conv 1x1."""
+    if len(layers) != 7:
+        return False
+    convs = (layers[0], layers[3], layers[6])
+    shapes = ((2, 2), (2, 2), (1, 1))
+    return (
+        all(
+            isinstance(c, nn.Conv2d)
+            and c.kernel_size == k
+            and c.stride == k
+            and c.padding == (0, 0)
+            and c.groups == 1
+            and c.bias is not None
+            for c, k in zip(convs, shapes, strict=True)
+        )
+        and layers[0].in_channels == 1
+        and all(hasattr(layers[i], "eps") for i in (1, 4))
+    )
+
 
 class FastSam(Sam):
     """A :class:`Sam` whose modules run the fast path; same interface and state dict.
