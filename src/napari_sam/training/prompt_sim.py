@@ -1,4 +1,7 @@
-"""Simulated prompts: the clicks, boxes and dense masks a user (or propagation) would give.
+"""Simulated prompts: the clicks and boxes a user would give.
+
+(Dense prompts from a neighbouring slice's mask use :func:`napari_sam.prompts.mask_to_mask_input`,
+the very conversion propagation uses.)
 
 All functions work on boolean masks in one pixel frame (training uses the encoder's ``S``-frame)
 and return coordinates ``(x, y)`` in pixels of that frame, as the prompt encoder expects them.
@@ -12,17 +15,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = [
-    "correction_click",
-    "interior_point",
-    "jittered_box",
-    "mask_box",
-    "mask_logits",
-    "random_point",
-]
+from napari_sam.prompts import mask_to_box
 
-# Logit given to a binary dense prompt: log(p / (1 - p)) for p = 1 - 1e-3, about 6.9.
-MASK_LOGIT = float(np.log((1 - 1e-3) / 1e-3))
+__all__ = ["correction_click", "interior_point", "jittered_box", "random_point"]
 
 
 def _pick_weighted(rng: np.random.Generator, weights: np.ndarray) -> tuple[int, int]:
@@ -53,15 +48,6 @@ def interior_point(
     return random_point(rng, depth >= min_depth * depth.max())
 
 
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """Tight box ``[x0, y0, x1, y1]`` (inclusive pixel indices) of a mask, or None if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
-
-
 def jittered_box(
     rng: np.random.Generator,
     mask: np.ndarray,
@@ -80,7 +66,7 @@ def jittered_box(
     frame : (int, int), optional
         ``(H, W)`` to clip the box to (default: the mask's shape).
     """
-    box = mask_box(mask)
+    box = mask_to_box(mask)
     if box is None:
         raise ValueError("cannot draw a box around an empty mask")
     h, w = frame or mask.shape
@@ -111,8 +97,3 @@ def correction_click(
     depth = ndimage.distance_transform_edt(np.pad(error, 1))[1:-1, 1:-1]
     row, col = _pick_weighted(rng, depth)
     return np.array([col, row], dtype=np.float32), int(truth[row, col])
-
-
-def mask_logits(mask_lowres: np.ndarray) -> np.ndarray:
-    """Binary low-resolution mask -> dense-prompt logits (+-``MASK_LOGIT``), float32."""
-    return np.where(mask_lowres, MASK_LOGIT, -MASK_LOGIT).astype(np.float32)

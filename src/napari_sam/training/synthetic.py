@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 
+OBJECT_TEXTURE = 0.5  # object texture amplitude relative to the background's
+
+
 @dataclass
 class TrainingSample:
     """One training image with its objects.
@@ -81,20 +84,27 @@ class SceneConfig:
     p_ellipsoid : float
         Probability that a sample is a slice through ellipsoids with its neighbouring slice
         (:func:`synthetic_ellipsoid_slice`) instead of a flat scene.
+    min_separation : float
+        Smallest intensity difference between object 1 and the other objects (except a
+        deliberately identical touching neighbour).
     """
 
-    size: tuple[int, int] = (128, 320)
-    object_scale: tuple[float, float] = (0.10, 0.60)
+    # Objects span at least a few of the encoder's 16-pixel patches, as organs do at SAM's
+    # 1024-pixel input: the test fixture sees 256 pixels, so scenes are near-square (aspect at
+    # most 1.6 before resizing) and objects at least a quarter of the short side.
+    size: tuple[int, int] = (160, 256)
+    object_scale: tuple[float, float] = (0.25, 0.70)
     n_objects: tuple[int, int] = (1, 4)
     p_touching: float = 0.4
     p_same_intensity: float = 0.3
     p_blob: float = 0.5
-    contrast: tuple[float, float] = (0.25, 0.8)
-    noise: tuple[float, float] = (0.0, 0.1)
+    contrast: tuple[float, float] = (0.35, 0.8)
+    noise: tuple[float, float] = (0.0, 0.08)
     texture: tuple[float, float] = (0.0, 0.12)
     texture_sigma: tuple[float, float] = (1.0, 12.0)
     blur: tuple[float, float] = (0.0, 1.5)
     p_ellipsoid: float = 0.25
+    min_separation: float = 0.2
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -224,9 +234,23 @@ def _finish(rng: np.random.Generator, intensity: np.ndarray, config: SceneConfig
     return np.repeat(gray[..., None], 3, axis=2)
 
 
-def _object_intensity(rng: np.random.Generator, background: float, config: SceneConfig) -> float:
-    sign = 1.0 if rng.random() < 0.5 else -1.0
-    return background + sign * _uniform(rng, config.contrast)
+def _object_intensity(
+    rng: np.random.Generator,
+    background: float,
+    config: SceneConfig,
+    avoid: tuple[float, ...] = (),
+) -> float:
+    """An object's mean intensity, at least ``config.min_separation`` away from ``avoid``.
+
+    Objects that differ from their neighbours only by chance would make a click ambiguous; the
+    ambiguous case is generated on purpose instead (``p_same_intensity``).
+    """
+    for _ in range(20):
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        level = background + sign * _uniform(rng, config.contrast)
+        if all(abs(level - other) >= config.min_separation for other in avoid):
+            break
+    return level
 
 
 def synthetic_scene(rng: np.random.Generator, config: SceneConfig | None = None) -> TrainingSample:
@@ -257,6 +281,7 @@ def synthetic_scene(rng: np.random.Generator, config: SceneConfig | None = None)
     first, center, radius = _random_shape(rng, shape, config)
     masks = [first]
     levels = [_object_intensity(rng, background, config)]
+    # Objects other than a deliberately identical neighbour stay distinguishable from object 1.
     if rng.random() < config.p_touching:
         extent = _uniform(rng, config.object_scale) * min(shape)
         direction = rng.uniform(0, 2 * np.pi)
@@ -268,11 +293,11 @@ def synthetic_scene(rng: np.random.Generator, config: SceneConfig | None = None)
         if rng.random() < config.p_same_intensity:
             levels.append(levels[0] + rng.normal(0, 0.02))
         else:
-            levels.append(_object_intensity(rng, background, config))
+            levels.append(_object_intensity(rng, background, config, (levels[0],)))
     while len(masks) < n_objects:
         mask, _, _ = _random_shape(rng, shape, config)
         masks.append(mask)
-        levels.append(_object_intensity(rng, background, config))
+        levels.append(_object_intensity(rng, background, config, (levels[0],)))
 
     # Paint back to front; object 1 last, so it stays whole and later objects only lose area.
     labels = np.zeros(shape, np.int32)
@@ -283,7 +308,9 @@ def synthetic_scene(rng: np.random.Generator, config: SceneConfig | None = None)
     obj_texture = random_texture(rng, shape, _uniform(rng, config.texture_sigma))
     for label, level in enumerate(levels, start=1):
         inside = labels == label
-        amplitude = _uniform(rng, config.texture)
+        # Objects are more homogeneous than their surroundings (half the texture amplitude),
+        # as organs and lesions are against the body around them.
+        amplitude = OBJECT_TEXTURE * _uniform(rng, config.texture)
         intensity[inside] = (
             level + amplitude * obj_texture[inside] + ramp[0] * yy[inside] / shape[0]
         )
@@ -393,10 +420,13 @@ def synthetic_ellipsoid_slice(
         rng, (h, w), _uniform(rng, config.texture_sigma)
     )
     obj_texture = random_texture(rng, (h, w), _uniform(rng, config.texture_sigma))
+    levels: list[float] = []
     for label in range(1, len(bodies) + 1):
         inside = labels == label
-        level = _object_intensity(rng, background, config)
-        intensity[inside] = level + _uniform(rng, config.texture) * obj_texture[inside]
+        level = _object_intensity(rng, background, config, tuple(levels))
+        levels.append(level)
+        amplitude = OBJECT_TEXTURE * _uniform(rng, config.texture)
+        intensity[inside] = level + amplitude * obj_texture[inside]
     ids = np.unique(labels)
     ids = ids[ids > 0]
     lab_out = np.zeros_like(labels)

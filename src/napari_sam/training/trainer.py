@@ -165,12 +165,14 @@ def _frame_mask(mask: np.ndarray, transform, original_size: tuple[int, int]) -> 
 
 
 def _mask_losses(
-    logits: torch.Tensor, fraction: torch.Tensor, valid: torch.Tensor
+    logits: torch.Tensor, fraction: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE + Dice of every mask (``n x M``) and, without gradient, each mask's true IoU.
 
     ``logits`` are ``n x M x L x L``; ``fraction`` (``n x 1 x L x L``) is the share of each
-    low-resolution pixel inside the object; ``valid`` marks pixels of the image (not padding).
+    low-resolution pixel inside the object. The true IoU, the IoU head's target, is measured as
+    the predictor would: logits upscaled (bilinear) to the ``S x S`` frame, thresholded at 0,
+    against ``truth`` (``n x 1 x S x S``) inside ``valid`` (the image, not its padding).
     """
     logits = logits.float()  # the loss in float32 also under bf16 autocast
     target = fraction.expand_as(logits)
@@ -179,8 +181,9 @@ def _mask_losses(
     inter = (prob * fraction).sum(dim=(-2, -1))
     dice = 1 - (2 * inter + 1) / (prob.sum(dim=(-2, -1)) + fraction.sum(dim=(-2, -1)) + 1)
     with torch.no_grad():
-        pred = (logits > 0) & valid
-        inside = fraction >= 0.5
+        up = F.interpolate(logits, truth.shape[-2:], mode="bilinear", align_corners=False)
+        pred = (up > 0) & valid
+        inside = truth > 0
         hit = (pred & inside).sum(dim=(-2, -1)).float()
         union = (pred | inside).sum(dim=(-2, -1)).float()
         true_iou = hit / union.clamp(min=1)
@@ -334,7 +337,6 @@ class Trainer:
         # of each L-pixel inside the object: 16 times cheaper than at S, and the soft target
         # still places the zero crossing (the mask's outline) with sub-pixel precision.
         fraction = F.avg_pool2d(truth, 4)
-        valid_low = F.avg_pool2d(valid.float(), 4) > 0
         first = [self._first_prompt(t) for t in targets]
         points = [list(p) for p, _, _ in first]
         point_labels = [list(lab) for _, lab, _ in first]
@@ -356,7 +358,7 @@ class Trainer:
             else:
                 coords = labels = None
             low, iou_pred = self._decode(emb, coords, labels, boxes, mask_input)
-            per_mask, true_iou = _mask_losses(low, fraction, valid_low)
+            per_mask, true_iou = _mask_losses(low, fraction, truth, valid)
             single_click = it == 0 and targets[0].mode == "point"
             if single_click:
                 best = per_mask[:, 1:].argmin(dim=1) + 1
