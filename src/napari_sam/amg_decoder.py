@@ -141,14 +141,19 @@ def _upscale_channels_last(
     return x.reshape(b, n * 16, -1), (4 * grid[0], 4 * grid[1])
 
 
-def _block(layer: nn.Module, queries, keys, query_pe, key_pe):
-    """One TwoWayAttentionBlock with the rearranged cross-attentions."""
+def _self_attention(layer: nn.Module, queries: torch.Tensor, query_pe: torch.Tensor):
+    """A TwoWayAttentionBlock's first step: the prompt tokens' self-attention, then norm1."""
     if layer.skip_first_layer_pe:
         queries = layer.self_attn(q=queries, k=queries, v=queries)
     else:
         q = queries + query_pe
         queries = queries + layer.self_attn(q=q, k=q, v=queries)
-    queries = layer.norm1(queries)
+    return layer.norm1(queries)
+
+
+def _block(layer: nn.Module, queries, keys, query_pe, key_pe):
+    """One TwoWayAttentionBlock with the rearranged cross-attentions."""
+    queries = _self_attention(layer, queries, query_pe)
     k = keys + key_pe
     attn_out = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
     queries = layer.norm2(queries + attn_out)

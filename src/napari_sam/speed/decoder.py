@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_sam.amg_decoder import _block, _heads, _token_to_image, _upscale_channels_last
+from napari_sam.amg_decoder import _block, _heads, _self_attention, _upscale_channels_last
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.transformer import Attention, TwoWayAttentionBlock
 from napari_sam.speed.kernels import DerivedWeights, fused_linear_available
@@ -177,17 +177,46 @@ class FastMaskDecoder(MaskDecoder):
     def _transformer(self, tokens: torch.Tensor, image: dict) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.transformer
         keys, key_pe = image["keys"], image["key_pe"]
+        b = tokens.shape[0]
+        folded = self._pe_projections(key_pe)
         queries = tokens
         for i, layer in enumerate(t.layers):
             if i == 0 and image["shared"]:
                 queries, keys = _cached_block(layer, queries, keys, tokens, image)
+            elif keys.shape[0] == b:
+                queries, keys = _pe_folded_block(layer, queries, keys, tokens, *folded[i])
             else:
                 queries, keys = _block(layer, queries, keys, tokens, key_pe)
-        keys = keys.expand(tokens.shape[0], -1, -1)
+        keys = keys.expand(b, -1, -1)
         q = queries + tokens
-        attn_out = _token_to_image(t.final_attn_token_to_image, q, keys + key_pe, keys)
+        attn_out = _token_to_image_folded(t.final_attn_token_to_image, q, keys, folded[-1][0])
         queries = t.norm_final_attn(queries + attn_out)
         return queries, keys
+
+    def _pe_projections(self, key_pe: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per attention over the image tokens, the key (or query) projection of the positional
+        encoding, ``heads x d x N``: with it, ``keys + key_pe`` (a pass over all image tokens
+        per layer) is never formed. Kept while ``key_pe`` and the weights are the same."""
+        t = self.transformer
+        projs = [t.final_attn_token_to_image.k_proj]
+        for layer in t.layers:
+            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            projs += [t2i.k_proj, i2t.q_proj]
+        weights = tuple((m.weight.data_ptr(), m.weight._version) for m in projs)
+        key = (key_pe, key_pe._version, weights)
+        cached = self.__dict__.get("_pe_proj_cache")
+        if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
+            return cached[1]
+        with torch.no_grad():
+            pe = key_pe[0]  # N x C
+            out = []
+            for layer in t.layers:
+                t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+                out.append((_project_pe(t2i, t2i.k_proj, pe), _project_pe(i2t, i2t.q_proj, pe)))
+            final = t.final_attn_token_to_image
+            out.append((_project_pe(final, final.k_proj, pe),))
+        self.__dict__["_pe_proj_cache"] = (key, out)
+        return out
 
     def _hypernetworks(self, tokens: torch.Tensor, selected: slice) -> torch.Tensor:
         """Each mask token through its own MLP, all tokens in one batched product per layer."""
@@ -286,6 +315,60 @@ def _fusable(decoder: FastMaskDecoder, keys: torch.Tensor) -> bool:
     )
 
 
+def _project_pe(attn: Attention, linear: nn.Linear, pe: torch.Tensor) -> torch.Tensor:
+    """``W pe^T`` per head (no bias: it is handled where the projection is used): ``h x d x N``."""
+    heads, d = _heads(attn)
+    return (pe @ linear.weight.T).view(-1, heads, d).permute(1, 2, 0).contiguous()
+
+
+def _pe_folded_block(
+    layer: TwoWayAttentionBlock,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_pe: torch.Tensor,
+    t2i_pe: torch.Tensor,
+    i2t_pe: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A two-way block on per-prompt image tokens, with their positional encoding entering the
+    attention logits through its precomputed projections (``t2i_pe``, ``i2t_pe``)."""
+    queries = _self_attention(layer, queries, query_pe)
+    attn_out = _token_to_image_folded(
+        layer.cross_attn_token_to_image, queries + query_pe, keys, t2i_pe
+    )
+    queries = layer.norm2(queries + attn_out)
+    queries = layer.norm3(queries + layer.mlp(queries))
+    attn = layer.cross_attn_image_to_token
+    b, t, _ = queries.shape
+    heads, d = _heads(attn)
+    kp = attn.k_proj(queries + query_pe).view(b, t, heads, d).transpose(1, 2) / math.sqrt(d)
+    w_q = attn.q_proj.weight.view(heads, d, -1)
+    # (W_q (x + pe) + b_q) . k = x . (W_q^T k) + (W_q pe) . k + b_q . k
+    in_space = (kp @ w_q).reshape(b, heads * t, -1)
+    fixed = kp @ i2t_pe + (kp * attn.q_proj.bias.view(heads, 1, d)).sum(-1, keepdim=True)
+    logits = torch.baddbmm(fixed.reshape(b, heads * t, -1), in_space, keys.transpose(1, 2))
+    summed = _image_to_token_output(attn, logits, queries, b, t, heads, d, residual=keys)
+    return queries, layer.norm4(summed)
+
+
+def _token_to_image_folded(
+    attn: Attention, q: torch.Tensor, keys: torch.Tensor, key_pe_proj: torch.Tensor
+) -> torch.Tensor:
+    """``attn(q, keys + pe, keys)`` for ``B x T`` prompt tokens over ``B x N`` image tokens,
+    with ``key_pe_proj = W_k pe^T`` per head (``h x d x N``)."""
+    b, t, _ = q.shape
+    heads, d = _heads(attn)
+    qp = attn.q_proj(q).view(b, t, heads, d).transpose(1, 2) / math.sqrt(d)  # B h T d
+    w_k = attn.k_proj.weight.view(heads, d, -1)
+    # q . (W_k (x + pe) + b_k): the b_k term is constant over image tokens and cancels.
+    in_space = (qp @ w_k).reshape(b, heads * t, -1)  # B (h T) C
+    fixed = (qp @ key_pe_proj).reshape(b, heads * t, -1)  # B (h T) N
+    probs = torch.softmax(torch.baddbmm(fixed, in_space, keys.transpose(1, 2)), dim=-1)
+    mixed = (probs @ keys).view(b, heads, t, -1)  # rows of probs sum to 1
+    w_v = attn.v_proj.weight.view(heads, d, -1)
+    out = (mixed @ w_v.transpose(1, 2) + attn.v_proj.bias.view(heads, 1, d)).transpose(1, 2)
+    return attn.out_proj(out.reshape(b, t, heads * d))
+
+
 def _cached_block(
     layer: TwoWayAttentionBlock,
     queries: torch.Tensor,
@@ -297,12 +380,7 @@ def _cached_block(
 
     ``keys`` are the shared (batch 1) image tokens; the residual gives one copy per prompt.
     """
-    if layer.skip_first_layer_pe:
-        queries = layer.self_attn(q=queries, k=queries, v=queries)
-    else:
-        q = queries + query_pe
-        queries = queries + layer.self_attn(q=q, k=q, v=queries)
-    queries = layer.norm1(queries)
+    queries = _self_attention(layer, queries, query_pe)
     attn_out = _token_to_image_projected(
         layer.cross_attn_token_to_image, queries + query_pe, cached["t2i_k"], cached["t2i_v"]
     )
@@ -337,12 +415,17 @@ def _image_to_token_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor,
     return _image_to_token_output(attn, logits, v, b, t, heads, d)
 
 
-def _image_to_token_output(attn, logits, v, b, t, heads, d):
-    """``B x (heads * T) x N`` logits -> ``B x N x C`` attention output (after out_proj)."""
+def _image_to_token_output(attn, logits, v, b, t, heads, d, residual=None):
+    """``B x (heads * T) x N`` logits -> ``B x N x C`` attention output (after out_proj),
+    plus ``residual`` (``B x N x C``) when given, accumulated by the same GEMM."""
     n = logits.shape[-1]
     # Softmax over each head's T prompt tokens; N stays the contiguous (vectorised) axis.
     probs = torch.softmax(logits.view(b, heads, t, n), dim=2).view(b, heads * t, n)
     vp = attn.v_proj(v).view(b, t, heads, d)
     wo = attn.out_proj.weight.view(-1, heads, d)  # C x heads x d
     u = torch.einsum("bthd,chd->bhtc", vp, wo).reshape(b, heads * t, -1)
-    return torch.baddbmm(attn.out_proj.bias, probs.transpose(1, 2), u)
+    if residual is None:
+        return torch.baddbmm(attn.out_proj.bias, probs.transpose(1, 2), u)
+    # Each head's probabilities sum to 1 over its T tokens, so out_proj's bias rides along in
+    # the product as bias / heads per row of u.
+    return torch.baddbmm(residual, probs.transpose(1, 2), u + attn.out_proj.bias / heads)
