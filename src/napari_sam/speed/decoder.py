@@ -26,7 +26,7 @@ from torch import nn
 from napari_sam.amg_decoder import _block, _heads, _self_attention, _upscale_channels_last
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.transformer import Attention, TwoWayAttentionBlock
-from napari_sam.speed.kernels import DerivedWeights, fused_linear_available
+from napari_sam.speed.kernels import DerivedWeights
 
 __all__ = ["FastMaskDecoder"]
 
@@ -59,9 +59,6 @@ class FastMaskDecoder(MaskDecoder):
         self._image_cache: tuple | None = None
         self._stacked_hypernetworks = DerivedWeights(
             self._hypernetwork_sources, self._hypernetwork_weights
-        )
-        self._subpixel = DerivedWeights(
-            lambda: list(self.output_upscaling.parameters()), self._subpixel_weights
         )
 
     # forward() is MaskDecoder's; it calls predict_masks below.
@@ -230,26 +227,6 @@ class FastMaskDecoder(MaskDecoder):
                 x = torch.relu_(x)
         return x.transpose(0, 1)
 
-    def _subpixel_weights(self) -> tuple[torch.Tensor, ...]:
-        up1, _, _, up2, _ = self.output_upscaling
-        return (*_subpixel_linear_weights(up1), *_subpixel_linear_weights(up2))
-
-    def _fused_upscale(
-        self, keys: torch.Tensor, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """As :func:`~napari_sam.amg_decoder._upscale_channels_last`, with oneDNN adding the
-        biases inside the GEMMs and the last GELU in the second one (two passes fewer over the
-        largest tensors), and the weights laid out once per weight change."""
-        w1, b1, w2, b2 = self._subpixel.get()
-        norm = self.output_upscaling[1]
-        b, n = keys.shape[:2]
-        linear = torch.ops.mkldnn._linear_pointwise
-        x = linear(keys.reshape(b * n, -1), w1, b1, "none", [], "")
-        x = x.view(-1, w1.shape[0] // 4)  # (B N 2 2) x C1
-        x = F.gelu(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
-        x = linear(x, w2, b2, "gelu", [], "none").view(-1, w2.shape[0] // 4)  # (B N 2 2 2 2) x C2
-        return x.view(b, n * 16, -1), (4 * size[0], 4 * size[1])
-
     def _hypernetwork_sources(self):
         return [p for mlp in self.output_hypernetworks_mlps for p in mlp.parameters()]
 
@@ -270,9 +247,7 @@ class FastMaskDecoder(MaskDecoder):
         b = keys.shape[0]
         h, w = size
         m = hyper_in.shape[1]
-        rows = self._fused_upscale(keys, size) if _fusable(self, keys) else None
-        if rows is None:
-            rows = _upscale_channels_last(self.output_upscaling, keys, size)
+        rows = _upscale_channels_last(self.output_upscaling, keys, size)
         if rows is None:  # an upscaling network of another shape: run it as it is
             upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, -1, h, w))
             _, cu, hu, wu = upscaled.shape
@@ -283,36 +258,6 @@ class FastMaskDecoder(MaskDecoder):
         # (the bmm is B x (N 16) x M: M = 1 to 3 columns, memory-bound, a few hundred KB)
         logits = logits.view(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return logits.reshape(b, m, hu, wu)
-
-
-def _subpixel_linear_weights(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stride-2 2 x 2 transposed convolution as a linear map ``C_in -> (2 2 C_out)``."""
-    cin, cout = conv.weight.shape[:2]
-    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin).contiguous()
-    return weight, conv.bias.repeat(4)
-
-
-def _fusable(decoder: FastMaskDecoder, keys: torch.Tensor) -> bool:
-    """oneDNN's fused linear applies: CPU float32, SAM's upscaling layout, exact-erf GELUs."""
-    ups = decoder.output_upscaling
-    return (
-        keys.device.type == "cpu"
-        and keys.dtype == torch.float32
-        and fused_linear_available()
-        and len(ups) == 5
-        and all(
-            isinstance(ups[i], nn.ConvTranspose2d)
-            and ups[i].kernel_size == (2, 2)
-            and ups[i].stride == (2, 2)
-            and ups[i].padding == (0, 0)
-            and ups[i].output_padding == (0, 0)
-            and ups[i].groups == 1
-            and ups[i].bias is not None
-            for i in (0, 3)
-        )
-        and all(isinstance(ups[i], nn.GELU) and ups[i].approximate == "none" for i in (2, 4))
-        and hasattr(ups[1], "eps")
-    )
 
 
 def _project_pe(attn: Attention, linear: nn.Linear, pe: torch.Tensor) -> torch.Tensor:
