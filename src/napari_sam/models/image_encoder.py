@@ -128,14 +128,18 @@ class ImageEncoderViT(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Encode normalised ``B x in_chans x S x S`` input to ``B x out_chans x S/16 x S/16``."""
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``B x in_chans x img_size x img_size``."""
         expected = (self.in_chans, self.img_size, self.img_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"image encoder expects a B x {expected[0]} x {expected[1]} x {expected[2]} "
                 f"tensor (preprocess the image with Sam.preprocess first), got {tuple(x.shape)}"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode normalised ``B x in_chans x S x S`` input to ``B x out_chans x S/16 x S/16``."""
+        self.check_input(x)
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))
         if self.pos_embed is not None:
             x = x + self.pos_embed

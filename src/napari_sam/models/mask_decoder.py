@@ -106,15 +106,15 @@ class MaskDecoder(nn.Module):
         )
         return masks, iou_pred[:, selected]
 
-    def predict_masks(
+    def _tokens(
         self,
         image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
-        selected: slice = slice(None),
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks of the ``selected`` mask tokens (all by default) and IoUs of all tokens."""
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Check the batch sizes; the output tokens followed by the prompt tokens, ``B x T x C``
+        (output tokens cast to ``dtype`` when given)."""
         b = sparse_prompt_embeddings.shape[0]
         if image_embeddings.ndim != 4 or image_embeddings.shape[0] not in (1, b):
             raise ValueError(
@@ -127,9 +127,23 @@ class MaskDecoder(nn.Module):
                 f"expected {b} (one per prompt set)"
             )
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat(
+        if dtype is not None:
+            output_tokens = output_tokens.to(dtype)
+        return torch.cat(
             [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
         )
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        selected: slice = slice(None),
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks of the ``selected`` mask tokens (all by default) and IoUs of all tokens."""
+        tokens = self._tokens(image_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings)
+        b = tokens.shape[0]
         # Broadcasting adds a shared embedding to every prompt set without stacking copies first.
         src = (image_embeddings + dense_prompt_embeddings).expand(b, -1, -1, -1)
         pos_src = image_pe.expand(b, -1, -1, -1)

@@ -458,6 +458,16 @@ class TinyViT(nn.Module):
             LayerNorm2d(out_chans),
         )
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``B x in_chans x img_size x img_size``."""
+        expected = (self.in_chans, self.img_size, self.img_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"TinyViT expects a B x {expected[0]} x {expected[1]} x {expected[2]} tensor, "
+                f"got shape {tuple(x.shape)}; resize and pad images to img_size first "
+                "(Sam.preprocess does this)"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode ``B x in_chans x img_size x img_size`` (normalised, padded) images.
 
@@ -466,13 +476,7 @@ class TinyViT(nn.Module):
         torch.Tensor
             ``B x 256 x img_size/16 x img_size/16`` image embeddings.
         """
-        expected = (self.in_chans, self.img_size, self.img_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"TinyViT expects a B x {expected[0]} x {expected[1]} x {expected[2]} tensor, "
-                f"got shape {tuple(x.shape)}; resize and pad images to img_size first "
-                "(Sam.preprocess does this)"
-            )
+        self.check_input(x)
         x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)

@@ -72,24 +72,13 @@ class FastMaskDecoder(MaskDecoder):
         selected: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks of the ``selected`` mask tokens (all by default) and IoUs of all tokens."""
-        b = sparse_prompt_embeddings.shape[0]
-        if image_embeddings.ndim != 4 or image_embeddings.shape[0] not in (1, b):
-            raise ValueError(
-                f"image embeddings must be 1 x C x E x E (shared) or B x C x E x E with B = {b} "
-                f"prompt sets, got {tuple(image_embeddings.shape)}"
-            )
-        if dense_prompt_embeddings.shape[0] not in (1, b):
-            raise ValueError(
-                f"dense prompt embeddings have batch {dense_prompt_embeddings.shape[0]}, "
-                f"expected {b} (one per prompt set)"
-            )
-        h, w = image_embeddings.shape[-2:]
-        dtype = image_embeddings.dtype
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat(
-            [output_tokens.to(dtype).unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings],
-            dim=1,
+        tokens = self._tokens(
+            image_embeddings,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            dtype=image_embeddings.dtype,
         )
+        h, w = image_embeddings.shape[-2:]
         image = self._image_side(image_embeddings, image_pe, dense_prompt_embeddings)
         queries, keys = self._transformer(tokens, image)
 

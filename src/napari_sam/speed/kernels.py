@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "DerivedWeights",
     "FusedLinear",
+    "LinearFactory",
     "autocast",
     "conv2d",
     "fold_batch_norm",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 Activation = str | None  # "gelu" or None
+LinearFactory = Callable[[nn.Linear], nn.Module]  # float Linear -> its fast twin
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -15,8 +15,6 @@ Submodules keep the exact model's names and parameters, so the state dict is the
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +23,7 @@ from napari_sam.models import tiny_vit as tv
 from napari_sam.speed.kernels import (
     DerivedWeights,
     FusedLinear,
+    LinearFactory,
     autocast,
     conv2d,
     fold_batch_norm,
@@ -32,8 +31,6 @@ from napari_sam.speed.kernels import (
 from napari_sam.speed.windows import from_windows, to_windows
 
 __all__ = ["FastTinyViT"]
-
-LinearFactory = Callable[[nn.Linear], nn.Module]
 
 
 class FastConvBN(nn.Module):
@@ -100,13 +97,7 @@ class FastTinyViT(nn.Module):
         self.neck = encoder.neck
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expected = (self.in_chans, self.img_size, self.img_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"TinyViT expects a B x {expected[0]} x {expected[1]} x {expected[2]} tensor, "
-                f"got shape {tuple(x.shape)}; resize and pad images to img_size first "
-                "(Sam.preprocess does this)"
-            )
+        tv.TinyViT.check_input(self, x)  # reads only in_chans and img_size
         with autocast(x.device, self.autocast_dtype):
             x = self.patch_embed(x.float().contiguous(memory_format=torch.channels_last))
             for layer in self.layers:

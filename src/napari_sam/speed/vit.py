@@ -17,8 +17,6 @@ their state dict is the exact model's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,12 +27,11 @@ from napari_sam.models.image_encoder import (
     ImageEncoderViT,
     relative_position_table,
 )
-from napari_sam.speed.kernels import FusedLinear, autocast
+from napari_sam.speed.kernels import FusedLinear, LinearFactory, autocast
 from napari_sam.speed.windows import from_windows, to_windows
 
 __all__ = ["FastImageEncoderViT"]
 
-LinearFactory = Callable[[nn.Linear], nn.Module]
 
 # Elements of relative-position bias built at once (128 MiB in float32): two heads of a
 # 64 x 64 global block.
@@ -75,12 +72,7 @@ class FastImageEncoderViT(nn.Module):
         self.neck = encoder.neck
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expected = (self.in_chans, self.img_size, self.img_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"image encoder expects a B x {expected[0]} x {expected[1]} x {expected[2]} "
-                f"tensor (preprocess the image with Sam.preprocess first), got {tuple(x.shape)}"
-            )
+        ImageEncoderViT.check_input(self, x)  # reads only in_chans and img_size
         with autocast(x.device, self.autocast_dtype):
             x = self.patch_embed(x.float())
             if self.pos_embed is not None:
