@@ -52,6 +52,7 @@ __all__ = [
     "Capabilities",
     "FastSam",
     "capabilities",
+    "check_precision",
     "choose_precision",
     "encoder_settings",
     "optimize",
@@ -210,6 +211,15 @@ def optimize(model, precision: Precision | str = "auto"):
     )
 
 
+def check_precision(precision: str) -> None:
+    """Raise ``ValueError``, naming the valid choices, unless ``precision`` is one of
+    :data:`INFERENCE_PRECISIONS` (cheap: call it before loading a model)."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}; got {precision!r}"
+        )
+
+
 def with_precision(model, precision: str = "auto"):
     """The model to run for a precision choice: ``"exact"`` -> ``model`` itself, else
     :func:`optimize` ``(model, precision)``.
@@ -223,10 +233,7 @@ def with_precision(model, precision: str = "auto"):
     ValueError
         For an unknown choice, with the valid ones; or as :func:`optimize`.
     """
-    if precision not in INFERENCE_PRECISIONS:
-        raise ValueError(
-            f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}; got {precision!r}"
-        )
+    check_precision(precision)
     if precision == "exact":
         from napari_sam.speed.sam import FastSam
 

@@ -2,13 +2,15 @@
 
 A click runs the decoder on the 64 x 64 = 4096 image tokens with only about 7 prompt tokens.
 The cross attentions are re-associated around the few prompt tokens (the image tokens are
-never projected) by the functions of :mod:`napari_sam.amg_decoder`, which automatic mask
-generation uses for its batches of grid points. This module makes that a drop-in
+never projected), as :mod:`napari_sam.amg_decoder` does for automatic mask generation's batches
+of grid points. This module makes that a drop-in
 :class:`~napari_sam.models.mask_decoder.MaskDecoder` for every caller, and adds what a sequence
-of clicks on one image needs:
+of clicks on one image, or a propagation, needs:
 
 - the first layer's image-side projections do not depend on the prompt when there is no mask
   prompt: they are computed once per image embedding and reused by every later click;
+- the positional encoding enters the attention logits through its projections, computed
+  once per weight change, so ``keys + key_pe`` is never formed;
 - the hypernetwork MLPs of the returned mask tokens run as one batched product per layer;
 - the output upscaling runs on channels-last tokens (two GEMMs, LayerNorm, GELU).
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_sam.amg_decoder import _block, _heads, _self_attention, _upscale_channels_last
+from napari_sam.amg_decoder import _heads, _self_attention, _upscale_channels_last
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.transformer import Attention, TwoWayAttentionBlock
 from napari_sam.speed.kernels import DerivedWeights
@@ -127,7 +129,7 @@ class FastMaskDecoder(MaskDecoder):
         emb_rows, dense_rows = (t.flatten(2).transpose(1, 2) for t in (image_embeddings, dense))
         keys = emb_rows.new_empty(b, *emb_rows.shape[1:])
         torch.add(emb_rows, dense_rows, out=keys)
-        state = {"keys": keys, "key_pe": self._token_pe(image_pe), "shared": shared}
+        state = {"keys": keys, "shared": shared, **self._positional(image_pe)}
         if shared:
             layer = self.transformer.layers[0]
             k = keys + state["key_pe"]
@@ -139,15 +141,6 @@ class FastMaskDecoder(MaskDecoder):
             # Keep references to the key tensors so that their ids cannot be reused.
             self._image_cache = (key, state)
         return state
-
-    def _token_pe(self, image_pe: torch.Tensor) -> torch.Tensor:
-        """``image_pe`` as ``1 x N x C`` tokens, kept while it is the same tensor."""
-        cached = self.__dict__.get("_pe_cache")
-        if cached is not None and cached[0] is image_pe and cached[1] == image_pe._version:
-            return cached[2]
-        tokens = image_pe.flatten(2).transpose(1, 2).contiguous()
-        self.__dict__["_pe_cache"] = (image_pe, image_pe._version, tokens)
-        return tokens
 
     def _weights_key(self) -> tuple:
         layer = self.transformer.layers[0]
@@ -162,47 +155,48 @@ class FastMaskDecoder(MaskDecoder):
 
     def _transformer(self, tokens: torch.Tensor, image: dict) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.transformer
-        keys, key_pe = image["keys"], image["key_pe"]
-        b = tokens.shape[0]
-        folded = self._pe_projections(key_pe)
+        keys, folded = image["keys"], image["pe_folded"]
         queries = tokens
+        # Image tokens are per prompt set (batch B) from the first attention on: the shared
+        # first layer's residual makes one copy per prompt set.
         for i, layer in enumerate(t.layers):
             if i == 0 and image["shared"]:
                 queries, keys = _cached_block(layer, queries, keys, tokens, image)
-            elif keys.shape[0] == b:
-                queries, keys = _pe_folded_block(layer, queries, keys, tokens, *folded[i])
             else:
-                queries, keys = _block(layer, queries, keys, tokens, key_pe)
-        keys = keys.expand(b, -1, -1)
+                queries, keys = _pe_folded_block(layer, queries, keys, tokens, *folded[i])
+        keys = keys.expand(tokens.shape[0], -1, -1)
         q = queries + tokens
         attn_out = _token_to_image_folded(t.final_attn_token_to_image, q, keys, folded[-1][0])
         queries = t.norm_final_attn(queries + attn_out)
         return queries, keys
 
-    def _pe_projections(self, key_pe: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """Per attention over the image tokens, the key (or query) projection of the positional
-        encoding, ``heads x d x N``: with it, ``keys + key_pe`` (a pass over all image tokens
-        per layer) is never formed. Kept while ``key_pe`` and the weights are the same."""
+    def _positional(self, image_pe: torch.Tensor) -> dict:
+        """``image_pe`` as ``1 x N x C`` tokens (``"key_pe"``) and, per attention over the image
+        tokens, the key (or query) projection of it, ``heads x d x N`` (``"pe_folded"``): with
+        those, ``keys + key_pe`` (a pass over all image tokens per layer) is never formed. Kept
+        while ``image_pe`` is the same tensor and the weights are unchanged."""
         t = self.transformer
         projs = [t.final_attn_token_to_image.k_proj]
         for layer in t.layers:
             t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
             projs += [t2i.k_proj, i2t.q_proj]
-        weights = tuple((m.weight.data_ptr(), m.weight._version) for m in projs)
-        key = (key_pe, key_pe._version, weights)
-        cached = self.__dict__.get("_pe_proj_cache")
-        if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
-            return cached[1]
+        key = (image_pe._version, tuple((m.weight.data_ptr(), m.weight._version) for m in projs))
+        cached = self.__dict__.get("_positional_cache")
+        # The tensor itself, not its address, is compared (and kept alive by the cache).
+        if cached is not None and cached[0] is image_pe and cached[1] == key:
+            return cached[2]
         with torch.no_grad():
-            pe = key_pe[0]  # N x C
-            out = []
+            tokens = image_pe.flatten(2).transpose(1, 2).contiguous()
+            pe = tokens[0]  # N x C
+            folded = []
             for layer in t.layers:
                 t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-                out.append((_project_pe(t2i, t2i.k_proj, pe), _project_pe(i2t, i2t.q_proj, pe)))
+                folded.append((_project_pe(t2i, t2i.k_proj, pe), _project_pe(i2t, i2t.q_proj, pe)))
             final = t.final_attn_token_to_image
-            out.append((_project_pe(final, final.k_proj, pe),))
-        self.__dict__["_pe_proj_cache"] = (key, out)
-        return out
+            folded.append((_project_pe(final, final.k_proj, pe),))
+        value = {"key_pe": tokens, "pe_folded": folded}
+        self.__dict__["_positional_cache"] = (image_pe, key, value)
+        return value
 
     def _hypernetworks(self, tokens: torch.Tensor, selected: slice) -> torch.Tensor:
         """Each mask token through its own MLP, all tokens in one batched product per layer."""

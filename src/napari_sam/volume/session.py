@@ -150,13 +150,10 @@ class VolumeSession:
         self.labels: np.ndarray = labels
         window = resolve_window(data, window)  # bad windows fail before a model is loaded
 
-        from napari_sam.speed import INFERENCE_PRECISIONS, with_precision
+        from napari_sam.speed import check_precision, with_precision
 
-        if precision is not None and precision not in INFERENCE_PRECISIONS:
-            raise ValueError(  # before the (slow) load
-                f"precision must be one of None, {', '.join(INFERENCE_PRECISIONS)}; "
-                f"got {precision!r}"
-            )
+        if precision is not None:
+            check_precision(precision)  # before the (slow) load
         self.model = _load(model, checkpoint, device)
         if precision is not None:
             self.model = with_precision(self.model, precision)
