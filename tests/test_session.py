@@ -61,6 +61,39 @@ def test_box_on_middle_slice_propagates_to_dice_0_9(model, scene):
         assert abs(lo - present[0]) <= 2 and abs(hi - present[-1]) <= 2
 
 
+def test_multimask_propagation_resizes_only_the_best_mask_and_keeps_it(model, scene):
+    from napari_sam.predictor import SamPredictor
+    from napari_sam.volume.propagation import propagate
+
+    class AllThree(SamPredictor):
+        """Answers "best" with all three masks, as a boolean-only predictor would."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.requests = []
+
+        def predict_torch(self, *args, multimask_output=True, **kwargs):
+            self.requests.append(multimask_output)
+            return super().predict_torch(*args, multimask_output=bool(multimask_output), **kwargs)
+
+    volume, truth = scene
+    with VolumeSession(volume, model) as session:
+        z, _ = middle_box(truth, 1)
+        seeds = {1: {z: truth[z] == 1}}
+        walks = []
+        all_three = AllThree(model)
+        for predictor in (session.predictor, all_three):
+            steps = propagate(session.cache, predictor, seeds, multimask=True)
+            walks.append({s.index: s.masks.get(1) for s in steps})
+    assert all_three.requests and set(all_three.requests) == {"best"}
+    best, three = walks
+    assert best.keys() == three.keys() and len(best) >= 8
+    for index, mask in best.items():
+        assert (mask is None) == (three[index] is None)
+        if mask is not None:
+            np.testing.assert_array_equal(mask, three[index])
+
+
 def test_two_objects_in_one_batched_call_per_slice(model, scene):
     volume, truth = scene
     # Both objects are segmented on the slice where the smaller of the two is largest.

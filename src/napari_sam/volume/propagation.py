@@ -276,8 +276,10 @@ def _predict_slice(
         coords = transform.apply_coords_torch(torch.as_tensor(xy, device=device), original_size)
         point_labels = torch.as_tensor(lab, device=device)
 
+    # "best": our predictor resizes only the best-scored of the three masks; a predictor that
+    # takes only booleans reads it as True and returns all three, picked from below.
     masks, iou, _ = predictor.predict_torch(
-        coords, point_labels, boxes, mask_input, multimask_output=multimask
+        coords, point_labels, boxes, mask_input, multimask_output="best" if multimask else False
     )
     best = iou.argmax(dim=1)
     rows = torch.arange(len(walks), device=best.device)
