@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from napari_sam.models.build import build_sam
+from napari_sam.predictor import SamPredictor
 from napari_sam.registry import ModelSpec
 from napari_sam.training import prompt_sim
 from napari_sam.training.datasets import ImageFolder, NiftiFolder, SyntheticSource, open_source
@@ -233,6 +234,35 @@ def test_decoder_only_leaves_the_encoders_unchanged():
         assert not changed, f"{name} changed although only the decoder trains"
     decoder = [n for n in before if n.startswith("mask_decoder.")]
     assert any(not torch.equal(before[n], after[n]) for n in decoder)
+
+
+def test_iou_head_training_changes_only_the_scores():
+    """``trainable="iou_head"`` recalibrates the predicted IoUs: every other weight, and so
+    every mask, stays exactly as it was."""
+    model = tiny_model()
+    before = weights(model)
+    image = np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    point = dict(point_coords=np.array([[30.0, 30.0]]), point_labels=np.array([1]))
+
+    def outputs():
+        model.eval()
+        predictor = SamPredictor(model)
+        predictor.set_image(image)
+        _, scores, low = predictor.predict(**point, multimask_output=True)
+        return scores, low
+
+    scores_before, low_before = outputs()
+    trainer = Trainer(
+        model, SyntheticSource(SMALL_SCENES), config(steps=3, lr=1e-2, trainable="iou_head")
+    )
+    for _ in trainer.run():
+        pass
+    after = weights(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith("mask_decoder.iou_prediction_head.") for n in changed)
+    scores_after, low_after = outputs()
+    np.testing.assert_array_equal(low_after, low_before)
+    assert not np.allclose(scores_after, scores_before)
 
 
 def test_config_errors_are_clear():

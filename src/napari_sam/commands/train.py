@@ -49,9 +49,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument(
         "--trainable",
-        choices=["decoder", "decoder+prompt", "all"],
+        choices=["iou_head", "decoder", "decoder+prompt", "all"],
         default="decoder",
-        help="what trains: the mask decoder (default), plus the prompt encoder, or everything",
+        help="what trains: the mask decoder (default), plus the prompt encoder, or everything; "
+        "iou_head recalibrates only the scores that pick one of the three masks",
     )
     p.add_argument("--max-corrections", type=int, default=2, help="correction clicks (<=)")
     p.add_argument("--seed", type=int, default=0)

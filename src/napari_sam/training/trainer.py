@@ -38,7 +38,7 @@ from napari_sam.transforms import transform_for
 
 __all__ = ["SampleSource", "StepResult", "TrainConfig", "Trainer", "state_path"]
 
-Trainable = Literal["decoder", "decoder+prompt", "all"]
+Trainable = Literal["iou_head", "decoder", "decoder+prompt", "all"]
 
 
 class SampleSource(Protocol):
@@ -63,9 +63,10 @@ class TrainConfig:
         AdamW learning rate (peak) and weight decay.
     warmup_steps : int
         Linear warm-up; then a cosine decay to ``min_lr_ratio * lr``.
-    trainable : {"decoder", "decoder+prompt", "all"}
-        What trains: the mask decoder only (the usual fine-tuning), decoder and prompt encoder,
-        or everything including the image encoder.
+    trainable : {"iou_head", "decoder", "decoder+prompt", "all"}
+        What trains: the mask decoder's IoU head only (recalibrates the scores that pick one of
+        the three masks, every mask stays as it was), the mask decoder (the usual fine-tuning),
+        decoder and prompt encoder, or everything including the image encoder.
     max_corrections : int
         Largest number of correction clicks after the first prompt.
     p_box : float
@@ -107,9 +108,10 @@ class TrainConfig:
     bf16: bool = False
 
     def __post_init__(self) -> None:
-        if self.trainable not in ("decoder", "decoder+prompt", "all"):
+        if self.trainable not in ("iou_head", "decoder", "decoder+prompt", "all"):
             raise ValueError(
-                f"trainable must be 'decoder', 'decoder+prompt' or 'all', got {self.trainable!r}"
+                "trainable must be 'iou_head', 'decoder', 'decoder+prompt' or 'all', "
+                f"got {self.trainable!r}"
             )
         for name in ("steps", "batch_size", "prompts_per_image"):
             if int(getattr(self, name)) < 1:
@@ -235,16 +237,17 @@ class Trainer:
 
     def _select_trainable(self) -> list[torch.nn.Parameter]:
         parts = {
+            "iou_head": ("mask_decoder.iou_prediction_head",),
             "decoder": ("mask_decoder",),
             "decoder+prompt": ("mask_decoder", "prompt_encoder"),
             "all": ("mask_decoder", "prompt_encoder", "image_encoder"),
         }[self.config.trainable]
         params = []
-        for name, module in self.model.named_children():
-            train = name in parts
-            module.requires_grad_(train)
+        for name, param in self.model.named_parameters():
+            train = any(name.startswith(part + ".") for part in parts)
+            param.requires_grad_(train)
             if train:
-                params.extend(p for p in module.parameters())
+                params.append(param)
         return params
 
     @property
