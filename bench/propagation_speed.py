@@ -42,7 +42,12 @@ class MemoryCache:
 
     def __init__(self, num_slices: int, size: int) -> None:
         gen = torch.Generator().manual_seed(0)
-        self.embeddings = [torch.randn(1, 256, 64, 64, generator=gen) for _ in range(num_slices)]
+        # Channels-last memory, as EmbeddingCache keeps them (one transposing copy per slice
+        # when it is encoded or loaded, not one per decoder call).
+        self.embeddings = [
+            torch.randn(1, 256, 64, 64, generator=gen).contiguous(memory_format=torch.channels_last)
+            for _ in range(num_slices)
+        ]
         self.slice_shape = (size, size)
 
     def __len__(self) -> int:

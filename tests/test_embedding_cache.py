@@ -78,6 +78,8 @@ def test_get_computes_once_and_returns_sizes():
     c = cache(encoder=enc)
     emb, original, input_size = c.get(2)
     assert emb.shape == (1, 256, E, E) and emb.dtype == torch.float32
+    # Kept in token layout: the decoder reads positions as rows without a transposing pass.
+    assert emb.is_contiguous(memory_format=torch.channels_last)
     assert original == (40, 30) and input_size == (64, 48)
     again, _, _ = c.get(2)
     assert again is emb and enc.calls == 1
@@ -129,6 +131,7 @@ def test_disk_round_trip_is_exact(tmp_path):
     for i, original in zip((0, 3), originals):
         emb, size, input_size = second.get(i)
         assert torch.equal(emb, original)  # computed embeddings are rounded like stored ones
+        assert emb.is_contiguous(memory_format=torch.channels_last)
         assert size == (40, 30) and input_size == (64, 48)
     assert enc2.calls == 0
 

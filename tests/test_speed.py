@@ -161,6 +161,32 @@ def test_fast_decoder_equals_the_exact_decoder(small_vit, with_mask, batch):
             assert torch.equal(g, a)
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fast_decoder_reads_any_embedding_layout_and_modifies_no_input(small_vit, with_mask):
+    """Channels-last embeddings (the embedding cache's layout) give the channels-first result,
+    and the in-place residual accumulation never writes into the caller's tensors."""
+    fast = speed.optimize(small_vit, "fp32")
+    gen = torch.Generator().manual_seed(7)
+    emb = torch.randn(1, 256, 16, 16, generator=gen)
+    boxes = torch.tensor([[30.0, 40.0, 200.0, 180.0], [10.0, 20.0, 90.0, 100.0]])
+    masks = torch.randn(2, 1, 64, 64, generator=gen) if with_mask else None
+    with torch.no_grad():
+        sparse, dense = fast.prompt_encoder(None, boxes, masks)
+        pe = fast.prompt_encoder.get_dense_pe()
+        inputs = [emb, pe, sparse, dense]
+        before = [t.clone() for t in inputs]
+        want = fast.mask_decoder(emb, pe, sparse, dense, True)
+        last = emb.contiguous(memory_format=torch.channels_last)
+        got = fast.mask_decoder(last, pe, sparse, dense, True)
+        again = fast.mask_decoder(emb, pe, sparse, dense, True)
+    for w, g, a in zip(want, got, again, strict=True):
+        assert (g - w).abs().max() < 1e-5
+        assert torch.equal(a, w)
+    for t, b in zip(inputs, before, strict=True):
+        assert torch.equal(t, b)
+    assert torch.equal(last, emb)
+
+
 def test_fast_mask_embedding_equals_the_exact_convolutions(small_vit):
     fast = speed.optimize(small_vit, "fp32")
     masks = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(5)) * 8

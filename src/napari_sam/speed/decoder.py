@@ -274,7 +274,9 @@ def _pe_folded_block(
     in_space = (kp @ w_q).reshape(b, heads * t, -1)
     fixed = kp @ i2t_pe + (kp * attn.q_proj.bias.view(heads, 1, d)).sum(-1, keepdim=True)
     logits = torch.baddbmm(fixed.reshape(b, heads * t, -1), in_space, keys.transpose(1, 2))
-    summed = _image_to_token_output(attn, logits, queries, b, t, heads, d, residual=keys)
+    # keys are this call's own tensor (the token sum, or the previous block's output), no
+    # longer needed: the residual accumulates into them in place.
+    summed = _image_to_token_output(attn, logits, queries, b, t, heads, d, accumulate=keys)
     return queries, layer.norm4(summed)
 
 
@@ -343,17 +345,19 @@ def _image_to_token_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor,
     return _image_to_token_output(attn, logits, v, b, t, heads, d)
 
 
-def _image_to_token_output(attn, logits, v, b, t, heads, d, residual=None):
-    """``B x (heads * T) x N`` logits -> ``B x N x C`` attention output (after out_proj),
-    plus ``residual`` (``B x N x C``) when given, accumulated by the same GEMM."""
+def _image_to_token_output(attn, logits, v, b, t, heads, d, accumulate=None):
+    """``B x (heads * T) x N`` logits -> ``B x N x C`` attention output (after out_proj).
+
+    With ``accumulate`` (``B x N x C``, contiguous), the output is added to it in place by the
+    same GEMM (a residual connection without a copy of the residual) and it is returned."""
     n = logits.shape[-1]
     # Softmax over each head's T prompt tokens; N stays the contiguous (vectorised) axis.
     probs = torch.softmax(logits.view(b, heads, t, n), dim=2).view(b, heads * t, n)
     vp = attn.v_proj(v).view(b, t, heads, d)
     wo = attn.out_proj.weight.view(-1, heads, d)  # C x heads x d
     u = torch.einsum("bthd,chd->bhtc", vp, wo).reshape(b, heads * t, -1)
-    if residual is None:
+    if accumulate is None:
         return torch.baddbmm(attn.out_proj.bias, probs.transpose(1, 2), u)
     # Each head's probabilities sum to 1 over its T tokens, so out_proj's bias rides along in
     # the product as bias / heads per row of u.
-    return torch.baddbmm(residual, probs.transpose(1, 2), u + attn.out_proj.bias / heads)
+    return accumulate.baddbmm_(probs.transpose(1, 2), u + attn.out_proj.bias / heads)

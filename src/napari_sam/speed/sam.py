@@ -156,8 +156,10 @@ class FastSam(Sam):
         low_h, low_w = masks.shape[-2:]
         rows = self._taps(low_h, int(input_size[0]), original_size[0], masks.device)
         cols = self._taps(low_w, int(input_size[1]), original_size[1], masks.device)
-        out = _apply_taps(masks, -2, *rows)
-        return _apply_taps(out, -1, *cols)
+        # Both passes pick whole rows (memory copies, not element gathers): the columns on the
+        # transposed low-res logits first, then the rows (two small transposing copies).
+        out = _apply_taps(masks.transpose(-1, -2).contiguous(), -2, *cols)
+        return _apply_taps(out.transpose(-1, -2).contiguous(), -2, *rows)
 
     def _taps(self, low: int, n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (low, n_in, n_out, str(device))

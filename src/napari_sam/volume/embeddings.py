@@ -256,7 +256,8 @@ class EmbeddingCache:
 
         Returns
         -------
-        embedding : Tensor, shape (1, 256, E, E), float32, on the model's device
+        embedding : Tensor, shape (1, 256, E, E), float32, on the model's device, in
+            channels-last memory (read it, do not modify it: it is the cached tensor)
         original_size : (int, int)
             The slice's ``(H, W)``.
         input_size : (int, int)
@@ -359,6 +360,7 @@ class EmbeddingCache:
         embedding = embedding.detach().float()
         if self.cache_dir is not None:
             embedding = embedding.half().float()
+        embedding = _token_layout(embedding)
         entry = (embedding, self.slice_shape, (int(input_size[0]), int(input_size[1])))
         if self.cache_dir is not None:
             self._save(index, entry)
@@ -424,7 +426,7 @@ class EmbeddingCache:
             or not np.isfinite(embedding).all()
         ):
             return None
-        tensor = torch.from_numpy(embedding.astype(np.float32)).to(self._device())
+        tensor = _token_layout(torch.from_numpy(embedding.astype(np.float32)).to(self._device()))
         return tensor, original, input_size
 
     def _save(self, index: int, entry: Entry) -> None:
@@ -461,3 +463,10 @@ def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _token_layout(embedding: torch.Tensor) -> torch.Tensor:
+    """The embedding in channels-last memory (same shape and values): its ``E x E`` positions
+    are then the decoder's image-token rows, read without a transposing pass on every prompt
+    of every object (propagation decodes each slice once per object)."""
+    return embedding.contiguous(memory_format=torch.channels_last)
