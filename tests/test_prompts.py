@@ -138,3 +138,29 @@ def test_mask_input_equals_resizing_the_mask_image(shape, transform):
     frac = F.avg_pool2d(F.pad(img, (0, side - w, 0, side - h)), 4)[0]
     expected = np.where(frac.numpy() >= 0.5, MASK_LOGIT, -MASK_LOGIT).astype(np.float32)
     np.testing.assert_array_equal(mask_to_mask_input(mask, transform, shape), expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"), [((512, 512), 1024), ((700, 333), 256), ((90, 200), 256), ((64, 64), 64)]
+)
+def test_mask_input_is_resize_pad_and_block_average(shape, size):
+    """The banded per-axis operators give what the image path does to the mask: bilinear
+    resize (antialiased when shrinking), zero padding, 4 x 4 block average, threshold 0.5."""
+    rng = np.random.default_rng(sum(shape))
+    transform = ResizeLongestSide(size)
+    h, w = transform.input_size(shape)
+    for mask in (
+        rng.random(shape) < 0.4,
+        _ellipse(shape, (0.4 * shape[0], 0.6 * shape[1]), (0.3 * shape[0], 0.2 * shape[1])),
+    ):
+        x = torch.from_numpy(mask.astype(np.float32))[None, None]
+        if (h, w) != shape:
+            x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
+        x = F.pad(x, (0, size - w, 0, size - h))
+        fraction = F.avg_pool2d(x, 4)[0, 0].numpy()
+        want = np.where(fraction >= 0.5, MASK_LOGIT, -MASK_LOGIT).astype(np.float32)
+        got = mask_to_mask_input(mask, transform, shape)[0]
+        # Float summation order may flip a block that is inside by exactly one half.
+        differ = got != want
+        assert differ.sum() <= 2
+        assert np.all(np.abs(fraction[differ] - 0.5) < 1e-5)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from napari_sam.resampling import apply_rows, operator_taps
+
 __all__ = ["MASK_LOGIT", "mask_to_box", "mask_to_mask_input", "mask_to_points"]
 
 # Logit of 1 - 1e-3: confident enough to steer the decoder, small enough to stay in the range of
@@ -73,24 +75,28 @@ def mask_to_mask_input(
     if side % 4:
         raise ValueError(f"the transform's target length must be a multiple of 4, got {side}")
     h, w = transform.input_size(original_size)
-    # Resizing is separable, so resize + pad + block average is one small matrix per axis:
-    # the same numbers as doing it on the image, without building the S x S intermediate.
-    rows = _resample_matrix(original_size[0], int(h), side)
-    cols = _resample_matrix(original_size[1], int(w), side)
+    # Resizing is separable, so resize + pad + block average is one small banded operator per
+    # axis: the same numbers as doing it on the image, without the S x S intermediate.
+    rows = _resample_taps(original_size[0], int(h), side)
+    index, weight = _resample_taps(original_size[1], int(w), side)
     box = mask_to_box(mask)
     if box is None:
         return np.full((1, side // 4, side // 4), -MASK_LOGIT, dtype=np.float32)
-    c0, r0, c1, r1 = (int(v) for v in box)  # empty rows and columns add nothing
-    crop = torch.from_numpy(np.ascontiguousarray(mask[r0 : r1 + 1, c0 : c1 + 1], np.float32))
-    fraction = rows[:, r0 : r1 + 1] @ crop @ cols[:, c0 : c1 + 1].T
+    c0, _, c1, _ = (int(v) for v in box)  # empty columns add nothing
+    crop = torch.from_numpy(np.ascontiguousarray(mask[:, c0 : c1 + 1], np.float32))
+    # Column taps into the crop: those falling outside it read zeros, so weigh them 0.
+    inside = (index >= c0) & (index <= c1)
+    cols = ((index - c0).clamp_(0, c1 - c0), torch.where(inside, weight, 0.0))
+    across = apply_rows(crop, *rows)  # L x crop width
+    fraction = apply_rows(across.T.contiguous(), *cols).T.contiguous()  # L x L
     logits = torch.where(fraction >= 0.5, MASK_LOGIT, -MASK_LOGIT)
     return logits[None].numpy().astype(np.float32, copy=False)
 
 
 @functools.lru_cache(maxsize=16)
-def _resample_matrix(n_in: int, n_out: int, side: int) -> torch.Tensor:
-    """``(side / 4, n_in)`` matrix: resize ``n_in -> n_out`` samples as the image is resized
-    (bilinear, antialiased when shrinking), zero-pad to ``side``, average blocks of 4.
+def _resample_taps(n_in: int, n_out: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Taps of the ``(side / 4, n_in)`` operator: resize ``n_in -> n_out`` samples as the image
+    is resized (bilinear, antialiased when shrinking), zero-pad to ``side``, average blocks of 4.
 
     Memoised (a pure function of three integers, read-only results): every slice of a volume
     has the same size.
@@ -105,7 +111,7 @@ def _resample_matrix(n_in: int, n_out: int, side: int) -> torch.Tensor:
             antialias=True,
         )[0, 0]
     weights = F.pad(weights, (0, 0, 0, side - n_out))
-    return weights.reshape(side // 4, 4, n_in).mean(dim=1)
+    return operator_taps(weights.reshape(side // 4, 4, n_in).mean(dim=1))
 
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray | None:

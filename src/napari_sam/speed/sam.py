@@ -8,6 +8,7 @@ from torch import nn
 
 from napari_sam.models.prompt_encoder import PromptEncoder
 from napari_sam.models.sam import Sam
+from napari_sam.resampling import apply_rows, operator_taps
 from napari_sam.speed.kernels import DerivedWeights
 
 __all__ = ["FastPromptEncoder", "FastSam"]
@@ -158,8 +159,8 @@ class FastSam(Sam):
         cols = self._taps(low_w, int(input_size[1]), original_size[1], masks.device)
         # Both passes pick whole rows (memory copies, not element gathers): the columns on the
         # transposed low-res logits first, then the rows (two small transposing copies).
-        out = _apply_taps(masks.transpose(-1, -2).contiguous(), -2, *cols)
-        return _apply_taps(out.transpose(-1, -2).contiguous(), -2, *rows)
+        out = apply_rows(masks.transpose(-1, -2).contiguous(), *cols)
+        return apply_rows(out.transpose(-1, -2).contiguous(), *rows)
 
     def _taps(self, low: int, n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (low, n_in, n_out, str(device))
@@ -189,19 +190,4 @@ def resampling_taps(
     basis = torch.eye(low, dtype=torch.float32).view(1, low, low, 1)
     up = F.interpolate(basis, size=(size, 1), mode="bilinear", align_corners=False)
     down = F.interpolate(up[:, :, :n_in], size=(n_out, 1), mode="bilinear", align_corners=False)
-    operator = down[0, :, :, 0].T  # n_out x low
-    nonzero = operator != 0
-    taps = max(int(nonzero.sum(dim=1).max()), 1)
-    # Nonzero columns first (stable), then any zero columns as padding taps of weight 0.
-    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :taps]
-    return order, torch.gather(operator, 1, order)
-
-
-def _apply_taps(x: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor):
-    shape = [1] * x.ndim
-    shape[dim] = -1
-    out = None
-    for t in range(index.shape[1]):
-        term = x.index_select(dim, index[:, t]).mul_(weight[:, t].view(shape))
-        out = term if out is None else out.add_(term)
-    return out
+    return operator_taps(down[0, :, :, 0].T)  # n_out x low
