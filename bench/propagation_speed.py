@@ -6,7 +6,7 @@ a tiny stand-in encoder keeps the model small. Random weights (seeded): the spee
 depend on the weight values; stop rules are switched off so every slice is decoded.
 
     python bench/propagation_speed.py [--slices 100] [--size 512] [--threads 2]
-                                      [--precision auto|exact]
+                                      [--precision auto|exact] [--first-pass N]
 
 Prints the time per slice of a bare decoder call (box + dense prompt, masks upscaled to the
 slice size) and of full propagation steps (prompts from the previous mask, decoder, stop checks,
@@ -71,6 +71,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
+        "--first-pass",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time 1 and 3 objects through N slices whose embeddings are not cached yet "
+        "(vit_t, random weights: each slice is encoded on the way, once for all objects)",
+    )
+    parser.add_argument(
         "--precision",
         default="auto",
         choices=("auto", "exact"),
@@ -123,8 +131,38 @@ def main() -> None:
             f" ({1000 * total / done / n:.0f} ms per object-slice; CPU time "
             f"{1000 * cpu / done:.0f} ms/slice)"
         )
+    if args.first_pass:
+        first_pass(args)
     bound = 32 * 256 * 64 * 64 * 4
     print(f"embedding cache memory bound (default 32 slices x 4 MiB): {bound / 2**20:.0f} MiB")
+
+
+def first_pass(args) -> None:
+    """1 vs 3 objects when the embeddings are computed during the walk (a fresh cache each)."""
+    from napari_sam.intensity import minmax_window
+    from napari_sam.volume.embeddings import EmbeddingCache
+
+    torch.manual_seed(0)
+    model = with_precision(build_sam("vit_t"), args.precision)
+    predictor = SamPredictor(model)
+    n, size = args.first_pass, args.size
+    volume = np.random.default_rng(0).normal(100, 20, (n, size, size)).astype(np.float32)
+    objects = discs(size)
+    totals = {}
+    for count in (1, 3):
+        cache = EmbeddingCache(model, volume, window=minmax_window(volume))
+        seeds = {k + 1: {0: objects[k]} for k in range(count)}
+        labels = np.zeros(volume.shape, np.uint16)
+        start, done = time.perf_counter(), 0
+        for step in propagate(cache, predictor, seeds, min_pred_iou=-1e9, min_iou_prev=0.0):
+            write_masks(labels, step, axis=0)
+            done += 1
+        totals[count] = time.perf_counter() - start
+        print(
+            f"first pass, vit_t, {count} object(s): {done} slices in {totals[count]:.1f} s "
+            f"({1000 * totals[count] / done:.0f} ms/slice, encoding included)"
+        )
+    print(f"first pass: 3 objects / 1 object = {totals[3] / totals[1]:.2f}x")
 
 
 if __name__ == "__main__":
