@@ -314,6 +314,33 @@ def test_merge_keep_overwrite_and_replace():
         assert both[2, 3] == 1 and both[3, 3] == 3
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.int64])
+def test_merge_equals_the_pixel_rule_on_random_labels(dtype):
+    """Pixel by pixel: cleared if replaced, then the lowest new label whose mask covers the
+    pixel, if it may write there (keep: background or its own label), else unchanged."""
+    rng = np.random.default_rng(int(np.dtype(dtype).itemsize))
+    top = int(min(np.iinfo(dtype).max, 60000))
+    for _ in range(6):
+        ids = sorted({1, int(rng.integers(2, top)), top})
+        current = rng.choice([0, *ids], size=(9, 11)).astype(dtype)
+        masks = {i: rng.random((9, 11)) < 0.4 for i in rng.permutation(ids)[:2].tolist()}
+        for mode in ("keep", "overwrite"):
+            for replace in (True, False):
+                got = merge_masks(current, masks, mode=mode, replace=replace)
+                want = current.copy()
+                for (y, x), value in np.ndenumerate(current):
+                    if replace and value in masks:
+                        value = 0
+                    for label in sorted(masks):
+                        if masks[label][y, x]:
+                            if mode == "overwrite" or value in (0, label):
+                                value = label
+                            break
+                    want[y, x] = value
+                assert got.dtype == current.dtype
+                np.testing.assert_array_equal(got, want)
+
+
 def test_write_masks_counts_changes_along_any_axis():
     labels = np.zeros((3, 4, 5), np.int32)
     mask = np.zeros((3, 5), bool)  # a slice along axis 1
