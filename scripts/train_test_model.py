@@ -5,8 +5,9 @@ encoder at image size 256. It knows only synthetic ellipses, blobs and ellipsoid
 test fixture that lets the suite check segmentation quality end to end, never a model for real
 images.
 
-Stage 1 trains everything for 4000 steps; stage 2 calibrates the decoder's IoU head for 800
-steps. Run from the repository root (about 40 minutes on an idle 2-core CPU)::
+Stage 1 trains everything for 4000 steps; stage 2 calibrates the decoder (IoU-head loss weighted
+up) for 800 steps; stage 3 trains the IoU head alone for 2000 steps, mostly on single clicks.
+Run from the repository root (about 50 minutes on an idle 2-core CPU)::
 
     nice -n 10 .venv/bin/python scripts/train_test_model.py > train.log 2>&1 &
 
@@ -96,6 +97,24 @@ CALIBRATION = TrainConfig(
     }
 )
 
+# Stage 3: only the IoU head (every mask stays as stage 2 made it), from the stage-2 weights as
+# stored, on more single clicks than stage 1 saw. After stage 2 one click's chosen mask was still
+# 0.05 IoU below the best of the three; recalibrated scores pick better (held-out one-click mean
+# IoU 0.845 -> 0.860 on the quality test's 100 cases, 0.856 -> 0.873 on the script's 60).
+SCORES = TrainConfig(
+    **{
+        **CONFIG.to_dict(),
+        "steps": 2000,
+        "lr": 1e-3,
+        "warmup_steps": 20,
+        "trainable": "iou_head",
+        "p_box": 0.25,
+        "p_dense": 0.35,
+        "seed": CONFIG.seed + 2,
+        "checkpoint_every": 0,
+    }
+)
+
 EVAL_SEED = 777  # held-out cases: a different seed from training
 
 
@@ -155,19 +174,17 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             window = []
-    # The stored precision first, so that stage 2 starts from what a reload of stage 1 gives.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.half().float())
-    calibrator = Trainer(model, SyntheticSource(scene), CALIBRATION)
-    for result in calibrator.run():
-        step_seconds.append(result.seconds)
-        if result.step % 100 == 0:
-            print(
-                f"calibration step {result.step:4d}  loss {result.loss:.4f}  iou "
-                f"{result.iou_loss:.4f}  {time.perf_counter() - start:.0f} s",
-                flush=True,
-            )
+    # Stages 2 and 3 start from the weights as stored (float16), as a reload gives them.
+    for label, stage in (("calibration", CALIBRATION), ("scores", SCORES)):
+        _round_to_stored(model)
+        for result in Trainer(model, SyntheticSource(scene), stage).run():
+            step_seconds.append(result.seconds)
+            if result.step % 100 == 0:
+                print(
+                    f"{label} step {result.step:4d}  loss {result.loss:.4f}  iou "
+                    f"{result.iou_loss:.4f}  {time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
 
@@ -184,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "spec": SPEC.to_dict(),
         "train": config.to_dict(),
         "calibration": CALIBRATION.to_dict(),
+        "scores": SCORES.to_dict(),
         "resumed_at_step": resumed_at,
         "data": scene.to_dict(),
         "eval_seed": EVAL_SEED,
@@ -207,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, args.out / f"{NAME}.json")
     print(f"wrote {path} ({record['bytes']} bytes) in {wall / 60:.1f} min", flush=True)
     return 0
+
+
+def _round_to_stored(model: torch.nn.Module) -> None:
+    """Weights and buffers as a reload of the float16 file gives them."""
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
 
 
 def reevaluate(out: Path) -> int:

@@ -46,17 +46,16 @@ def test_fixture_is_marked_as_a_test_model():
 
 @pytest.fixture(scope="module")
 def scene_results(predictor):
-    cases = list(scene_cases(SEED, 50))
+    cases = list(scene_cases(SEED, 100))  # issue #4 asks for >= 50; 100 halve the noise
     return click_and_box_ious(predictor, cases)
 
 
 def test_one_click_segments_the_object(scene_results):
     clicks, _ = scene_results
-    assert len(clicks) == 50
+    assert len(clicks) == 100
     print(f"one click: mean IoU {np.mean(clicks):.3f}, median {np.median(clicks):.3f}")
-    # Issue #4 asks for 0.85. The fixture measures 0.84-0.85 on these cases (0.88 on the
-    # training script's own held-out set): asserted at the bar it holds, the gap is open in #4.
-    assert np.mean(clicks) >= 0.83
+    # The best-scored of the three masks, as the widget shows it (issue #4's bar).
+    assert np.mean(clicks) >= 0.85
 
 
 def test_box_segments_the_object(scene_results):
