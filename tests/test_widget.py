@@ -683,3 +683,19 @@ def test_manifest_opens_the_widget_with_registry_models(make_napari_viewer):
     assert names["sam_widget"] is widget
     assert names["sam_session"] is widget.console_session
     widget.cleanup()
+
+
+def test_switching_images_replaces_the_prompt_layers_in_one_batch(make_widget, qtbot):
+    """The widget's own layers go in one batched removal: napari collects garbage once per
+    batch (0.17 s with torch loaded) instead of once per removed layer."""
+    viewer, _image, widget = make_widget(np.zeros((3, 20, 30), np.float32))
+    old = [widget.points_layer, widget.boxes_layer]
+    events = []
+    viewer.layers.events.begin_batch.connect(lambda e: events.append("begin"))
+    viewer.layers.events.end_batch.connect(lambda e: events.append("end"))
+    viewer.layers.events.removed.connect(lambda e: events.append("removed"))
+    viewer.add_image(np.zeros((4, 20, 30), np.float32), name="other")
+    widget.image_combo.setCurrentIndex(widget.image_combo.findText("other"))
+    assert events == ["begin", "removed", "removed", "removed", "end"]
+    assert widget.points_layer not in old and widget.points_layer in viewer.layers
+    assert widget.points_layer.data.shape[1] == 3  # prompts in the new image's dimensions

@@ -513,9 +513,13 @@ class SamWidget(SamPanel):
         same = same and np.allclose(self._preview.translate, image.translate)
         if same and self._points is not None and self._boxes is not None:
             return
-        for layer in self._own_layers():
-            if layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
+        # One batch: napari runs a full garbage collection after each removal outside a batch
+        # (0.17 s each here), once after a batch.
+        batch = getattr(self.viewer.layers, "batched_update", contextlib.nullcontext)
+        with batch():
+            for layer in self._own_layers():
+                if layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
         self._quiet = True
         try:
             from napari.layers import Labels
