@@ -220,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "command": " ".join(["scripts/train_test_model.py", *sys.argv[1:]]),
     }
-    tmp = args.out / f"{NAME}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, args.out / f"{NAME}.json")
+    _write_record(args.out / f"{NAME}.json", record)
     print(f"wrote {path} ({record['bytes']} bytes) in {wall / 60:.1f} min", flush=True)
     return 0
 
@@ -244,10 +242,15 @@ def reevaluate(out: Path) -> int:
     info_path = out / f"{NAME}.json"
     record = json.loads(info_path.read_text())
     record["metrics"] = metrics
-    tmp = info_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, info_path)
+    _write_record(info_path, record)
     return 0
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """The JSON beside the weights, replaced atomically (never left half-written)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
