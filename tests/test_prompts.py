@@ -164,3 +164,36 @@ def test_mask_input_is_resize_pad_and_block_average(shape, size):
         differ = got != want
         assert differ.sum() <= 2
         assert np.all(np.abs(fraction[differ] - 0.5) < 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "transform"),
+    [((512, 512), ResizeLongestSide(1024)), ((333, 700), ResizeLongestSide(256))],
+)
+def test_mask_input_of_small_objects_anywhere(shape, transform):
+    """Only the mask's bounding box is read and only the cells it reaches are computed: small
+    objects in corners, on edges, a single pixel and a thin line give the full computation's
+    answer everywhere, including the cells left at -MASK_LOGIT."""
+    side = transform.target_length
+    h, w = transform.input_size(shape)
+    masks = []
+    for r0, c0, r1, c1 in [
+        (0, 0, 9, 14),
+        (shape[0] - 7, shape[1] - 30, shape[0], shape[1]),
+        (100, 3, 160, 40),
+        (200, 250, 201, 251),
+        (5, 0, 6, shape[1]),
+    ]:
+        mask = np.zeros(shape, bool)
+        mask[r0:r1, c0:c1] = True
+        masks.append(mask)
+    for mask in masks:
+        x = torch.from_numpy(mask.astype(np.float32))[None, None]
+        x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
+        fraction = F.avg_pool2d(F.pad(x, (0, side - w, 0, side - h)), 4)[0, 0].numpy()
+        want = np.where(fraction >= 0.5, MASK_LOGIT, -MASK_LOGIT).astype(np.float32)
+        got = mask_to_mask_input(mask, transform, shape)[0]
+        differ = got != want
+        assert differ.sum() <= 1
+        assert np.all(np.abs(fraction[differ] - 0.5) < 1e-5)
+        assert (got > 0).any() == (want > 0).any()

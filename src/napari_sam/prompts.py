@@ -77,20 +77,33 @@ def mask_to_mask_input(
     h, w = transform.input_size(original_size)
     # Resizing is separable, so resize + pad + block average is one small banded operator per
     # axis: the same numbers as doing it on the image, without the S x S intermediate.
-    rows = _resample_taps(original_size[0], int(h), side)
-    index, weight = _resample_taps(original_size[1], int(w), side)
     box = mask_to_box(mask)
+    out = np.full((1, side // 4, side // 4), -MASK_LOGIT, dtype=np.float32)
     if box is None:
-        return np.full((1, side // 4, side // 4), -MASK_LOGIT, dtype=np.float32)
-    c0, _, c1, _ = (int(v) for v in box)  # empty columns add nothing
-    crop = torch.from_numpy(np.ascontiguousarray(mask[:, c0 : c1 + 1], np.float32))
-    # Column taps into the crop: those falling outside it read zeros, so weigh them 0.
-    inside = (index >= c0) & (index <= c1)
-    cols = ((index - c0).clamp_(0, c1 - c0), torch.where(inside, weight, 0.0))
-    across = apply_rows(crop, *rows)  # L x crop width
-    fraction = apply_rows(across.T.contiguous(), *cols).T.contiguous()  # L x L
-    logits = torch.where(fraction >= 0.5, MASK_LOGIT, -MASK_LOGIT)
-    return logits[None].numpy().astype(np.float32, copy=False)
+        return out
+    c0, r0, c1, r1 = (int(v) for v in box)
+    # Pixels outside the box add nothing, and output cells whose taps miss it stay outside:
+    # only the box is read and only the cells it reaches are computed.
+    i0, i1, rows = _taps_within(*_resample_taps(original_size[0], int(h), side), r0, r1)
+    j0, j1, cols = _taps_within(*_resample_taps(original_size[1], int(w), side), c0, c1)
+    crop = torch.from_numpy(np.ascontiguousarray(mask[r0 : r1 + 1, c0 : c1 + 1], np.float32))
+    across = apply_rows(crop, *rows)  # output rows x crop width
+    fraction = apply_rows(across.T.contiguous(), *cols).T  # output rows x output columns
+    out[0, i0:i1, j0:j1] = np.where(fraction.numpy() >= 0.5, MASK_LOGIT, -MASK_LOGIT)
+    return out
+
+
+def _taps_within(
+    index: torch.Tensor, weight: torch.Tensor, lo: int, hi: int
+) -> tuple[int, int, tuple[torch.Tensor, torch.Tensor]]:
+    """Restrict taps to inputs ``lo..hi`` (inclusive): the range ``[start, stop)`` of outputs
+    with a non-zero tap there, and their taps re-indexed into the crop (others weighted 0)."""
+    inside = (index >= lo) & (index <= hi) & (weight != 0)
+    reached = torch.nonzero(inside.any(dim=1))[:, 0]
+    start, stop = int(reached[0]), int(reached[-1]) + 1
+    index, inside = index[start:stop], inside[start:stop]
+    taps = ((index - lo).clamp_(0, hi - lo), torch.where(inside, weight[start:stop], 0.0))
+    return start, stop, taps
 
 
 @functools.lru_cache(maxsize=16)
