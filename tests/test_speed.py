@@ -187,16 +187,47 @@ def test_fast_decoder_reads_any_embedding_layout_and_modifies_no_input(small_vit
     assert torch.equal(last, emb)
 
 
-def test_fast_mask_embedding_equals_the_exact_convolutions(small_vit):
-    fast = speed.optimize(small_vit, "fp32")
-    masks = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(5)) * 8
+def _check_fast_mask_embedding(exact, masks: torch.Tensor) -> None:
+    """The fast prompt encoder embeds ``masks`` (B x 1 x 64 x 64) as the exact one does."""
+    fast = speed.optimize(exact, "fp32")
     with torch.no_grad():
-        _, want = small_vit.prompt_encoder(None, None, masks)
+        _, want = exact.prompt_encoder(None, None, masks)
         _, got = fast.prompt_encoder(None, None, masks)
-    assert got.shape == want.shape == (3, 256, 16, 16)
+    assert got.shape == want.shape == (len(masks), 256, 16, 16)
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
     # Token order (channels last): the decoder reads it without a transposing copy.
     assert got.permute(0, 2, 3, 1).is_contiguous()
+
+
+def test_fast_mask_embedding_equals_the_exact_convolutions(small_vit):
+    masks = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(5)) * 8
+    _check_fast_mask_embedding(small_vit, masks)
+
+
+def test_mask_prompt_embedding_computes_only_boundary_blocks(small_vit, monkeypatch):
+    """Masks made of a few constants (what mask_to_mask_input gives) embed the same as the
+    exact convolutions while only boundary blocks and one block per constant are computed."""
+    from napari_sam.speed import sam as fast_sam
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    masks = np.full((3, 1, 64, 64), -20.0, np.float32)
+    masks[0, 0][(yy - 30) ** 2 + (xx - 25) ** 2 < 15**2] = 20.0
+    masks[1, 0][10:33, 40:61] = 20.0
+    masks[2, 0][:, 50:] = 3.5  # a third constant
+    masks = torch.from_numpy(masks)
+    computed = []
+    real = fast_sam._embed_rows
+    monkeypatch.setattr(
+        fast_sam,
+        "_embed_rows",
+        lambda layers, rows: computed.append(len(rows)) or real(layers, rows),
+    )
+    _check_fast_mask_embedding(small_vit, masks)
+    # 3 x 256 tokens, of which those on a boundary (4 x 4 blocks cut by it) plus 3 constants.
+    blocks = masks.reshape(3, 16, 4, 16, 4)
+    boundary = int((blocks.amin(dim=(2, 4)) != blocks.amax(dim=(2, 4))).sum())
+    assert 0 < boundary < 100
+    assert computed == [boundary + 3]
 
 
 def test_decoder_cache_follows_new_weights_and_new_embeddings(small_vit):

@@ -48,24 +48,55 @@ class FastPromptEncoder(PromptEncoder):
         embedding is a function of its own 4 x 4 block of the mask: computed token by token
         in channels-last rows, it comes out in the decoder's token order. Returned as a
         ``B x C x E x E`` view of that ``B x E x E x C`` tensor (no transposing copy).
+
+        A dense prompt made from a mask (:func:`~napari_sam.prompts.mask_to_mask_input`) is
+        one constant inside and another outside: only the blocks on its boundary and one
+        block per constant go through the network, and every token copies its block's row.
         """
         layers = list(self.mask_downscaling)
         if not _is_mask_downscaling(layers) or masks.shape[-1] % 4 or masks.shape[-2] % 4:
             return super()._embed_masks(masks)
-        conv1, norm1, act1, conv2, norm2, act2, conv3 = layers
         b, _, h, w = masks.shape
         eh, ew = h // 4, w // 4
-        # Mask row 4i + 2a + r: token row i, second-convolution tap a, first-convolution tap r.
-        blocks = masks.reshape(b, eh, 2, 2, ew, 2, 2).permute(0, 1, 4, 2, 5, 3, 6)
-        x = F.linear(blocks.reshape(-1, 4), conv1.weight.reshape(conv1.out_channels, 4), conv1.bias)
-        x = act1(F.layer_norm(x, x.shape[-1:], norm1.weight, norm1.bias, norm1.eps))
-        # Rows are now (token, a, c) x channel: the second convolution's input in (a, c, ch).
-        x = x.reshape(-1, 4 * conv1.out_channels)
-        weight2 = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.out_channels, -1)
-        x = F.linear(x, weight2, conv2.bias)
-        x = act2(F.layer_norm(x, x.shape[-1:], norm2.weight, norm2.bias, norm2.eps))
-        x = F.linear(x, conv3.weight.reshape(conv3.out_channels, -1), conv3.bias)
-        return x.reshape(b, eh, ew, -1).permute(0, 3, 1, 2)
+        grid = masks.reshape(b, eh, 4, ew, 4)
+        lo, hi = grid.amin(dim=(2, 4)).flatten(), grid.amax(dim=(2, 4)).flatten()
+        uniform = lo == hi
+        mixed = torch.nonzero(~uniform)[:, 0]
+        # Worth it while most tokens share a few blocks; logits (all different) go straight.
+        if 4 * mixed.numel() > lo.numel():
+            rows = _tap_order(grid.permute(0, 1, 3, 2, 4).reshape(-1, 4, 4))
+            return _embed_rows(layers, rows).reshape(b, eh, ew, -1).permute(0, 3, 1, 2)
+        values, which = torch.unique(lo[uniform], return_inverse=True)
+        bi, rest = mixed // (eh * ew), mixed % (eh * ew)
+        blocks = torch.cat(
+            [_tap_order(grid[bi, rest // ew, :, rest % ew, :]), values[:, None].expand(-1, 16)]
+        )
+        table = _embed_rows(layers, blocks)
+        index = torch.empty(lo.shape, dtype=torch.long, device=masks.device)
+        index[mixed] = torch.arange(mixed.numel(), device=masks.device)
+        index[uniform] = which + mixed.numel()
+        dense = table.index_select(0, index)
+        return dense.reshape(b, eh, ew, -1).permute(0, 3, 1, 2)
+
+
+def _tap_order(blocks: torch.Tensor) -> torch.Tensor:
+    """``K x 4 x 4`` pixel blocks -> ``K x 16`` rows in the order :func:`_embed_rows` reads:
+    second-convolution tap (row, column), then first-convolution tap (row, column)."""
+    # Pixel (2a + r, 2c + s): second-convolution tap (a, c), first-convolution tap (r, s).
+    return blocks.reshape(-1, 2, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16)
+
+
+def _embed_rows(layers: list[nn.Module], blocks: torch.Tensor) -> torch.Tensor:
+    """SAM's mask downscaling on ``K x 16`` blocks (:func:`_tap_order`) -> ``K x C`` tokens."""
+    conv1, norm1, act1, conv2, norm2, act2, conv3 = layers
+    x = F.linear(blocks.reshape(-1, 4), conv1.weight.reshape(conv1.out_channels, 4), conv1.bias)
+    x = act1(F.layer_norm(x, x.shape[-1:], norm1.weight, norm1.bias, norm1.eps))
+    # Rows are now (token, a, c) x channel: the second convolution's input in (a, c, ch).
+    x = x.reshape(-1, 4 * conv1.out_channels)
+    weight2 = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.out_channels, -1)
+    x = F.linear(x, weight2, conv2.bias)
+    x = act2(F.layer_norm(x, x.shape[-1:], norm2.weight, norm2.bias, norm2.eps))
+    return F.linear(x, conv3.weight.reshape(conv3.out_channels, -1), conv3.bias)
 
 
 def _is_mask_downscaling(layers: list) -> bool:
