@@ -82,11 +82,11 @@ class FastMaskDecoder(MaskDecoder):
         )
         h, w = image_embeddings.shape[-2:]
         image = self._image_side(image_embeddings, image_pe, dense_prompt_embeddings)
-        queries, keys = self._transformer(tokens, image)
+        # Only the IoU token and the selected mask tokens are read after the transformer.
+        wanted = [0] + [1 + i for i in range(self.num_mask_tokens)[selected]]
+        queries, keys = self._transformer(tokens, image, wanted)
 
-        hyper_in = self._hypernetworks(
-            queries[:, 1 : 1 + self.num_mask_tokens][:, selected], selected
-        )
+        hyper_in = self._hypernetworks(queries[:, 1:], selected)
         masks = self._upscale_and_project(keys, hyper_in, (h, w))
         iou_pred = self.iou_prediction_head(queries[:, 0, :])
         return masks, iou_pred
@@ -153,7 +153,15 @@ class FastMaskDecoder(MaskDecoder):
 
     # -- two-way transformer -------------------------------------------------------------------
 
-    def _transformer(self, tokens: torch.Tensor, image: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _transformer(
+        self, tokens: torch.Tensor, image: dict, wanted: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer; returns the ``wanted`` output tokens and the image tokens.
+
+        The final attention changes each prompt token on its own (no token sees another after
+        it), so it runs for the wanted tokens only: with one mask asked for, 2 of the 7 rows
+        of its two 4096-token products.
+        """
         t = self.transformer
         keys, folded = image["keys"], image["pe_folded"]
         queries = tokens
@@ -165,6 +173,7 @@ class FastMaskDecoder(MaskDecoder):
             else:
                 queries, keys = _pe_folded_block(layer, queries, keys, tokens, *folded[i])
         keys = keys.expand(tokens.shape[0], -1, -1)
+        queries, tokens = queries[:, wanted], tokens[:, wanted]
         q = queries + tokens
         attn_out = _token_to_image_folded(t.final_attn_token_to_image, q, keys, folded[-1][0])
         queries = t.norm_final_attn(queries + attn_out)
