@@ -19,7 +19,10 @@ with the same interface and state dict; everything that takes a model (``SamPred
 - mask decoder: the same mathematics re-associated around the few prompt tokens, the first
   layer's prompt-independent half computed once per image, the upscaling as fused GEMMs;
 - masks: one bilinear resampling from the low-res logits to the image size (the exact path
-  resamples twice through an ``S x S`` intermediate).
+  resamples twice through an ``S x S`` intermediate);
+- memory: on Linux (glibc), freed heap memory stays in the process up to 256 MB, so the many
+  4-16 MB temporaries of each call reuse pages instead of page-faulting on fresh ones
+  (:mod:`napari_sam.speed.allocator`; ``NAPARI_SAM_MALLOC=default`` leaves malloc alone).
 
 Precisions
 ----------
@@ -198,6 +201,10 @@ def optimize(model, precision: Precision | str = "auto"):
     if precision == "bf16" and not caps.bf16:
         raise ValueError(f"{device} has no bfloat16 support; use precision='fp32' or 'auto'")
 
+    if device.type == "cpu":
+        from napari_sam.speed.allocator import keep_freed_memory
+
+        keep_freed_memory()  # large temporaries reuse heap pages (see that module)
     encoder = _fast_encoder(model.image_encoder, precision)
     prompt_encoder = FastPromptEncoder(model.prompt_encoder)
     decoder = FastMaskDecoder(model.mask_decoder, prompt_encoder.no_mask_embed)
