@@ -134,6 +134,53 @@ def agreement(masks_a: list[np.ndarray], masks_b: list[np.ndarray]) -> dict[str,
     return {"min_iou": float(min(ious)), "mean_iou": float(np.mean(ious)), "masks": len(ious)}
 
 
+def trained_decoder_slices(count: int, size: int = 512, seed: int = 0):
+    """A trained decoder and ``count`` consecutive slice embeddings through one object.
+
+    Random weights turn every prompt into speckle covering the whole slice, which is neither
+    what a user sees nor a fair load for the mask-dependent steps of propagation. This gives
+    real masks at SAM's full decoder size: the project's trained test model
+    (tests/data/sam_test_tiny.safetensors) has SAM's own prompt encoder and mask decoder;
+    its tiny encoder embeds each ``size x size`` slice of a synthetic ellipsoid volume on a
+    16 x 16 grid, upsampled bilinearly to SAM's 64 x 64 (masks are compact and follow the
+    object, somewhat smaller than it: Dice about 0.75).
+
+    Returns
+    -------
+    state : dict
+        ``prompt_encoder.*`` and ``mask_decoder.*`` weights (checkpoint names).
+    embeddings : list of Tensor
+        ``1 x 256 x 64 x 64`` (contiguous, channels first), one per slice.
+    truth : (count, size, size) bool ndarray
+        The object on those slices (present on every one of them).
+    """
+    import torch.nn.functional as F
+
+    from napari_sam import SamPredictor
+    from napari_sam.training.synthetic import ellipsoid_volume
+    from napari_sam.weights import load_model
+
+    tiny = load_model(ROOT / "tests" / "data" / "sam_test_tiny.safetensors", device="cpu")
+    volume, labels = ellipsoid_volume(np.random.default_rng(seed), (220, size, size), n_objects=1)
+    present = np.flatnonzero((labels == 1).any(axis=(1, 2)))
+    if len(present) < count:
+        raise ValueError(f"the object spans {len(present)} slices, fewer than {count}")
+    start = present[0] + (len(present) - count) // 2
+    predictor = SamPredictor(tiny)
+    embeddings = []
+    with torch.no_grad():
+        for z in range(start, start + count):
+            predictor.set_image(np.repeat(volume[z][..., None], 3, axis=-1))
+            up = F.interpolate(predictor.features, scale_factor=4, mode="bilinear")
+            embeddings.append(up.contiguous())
+    state = {
+        k: v
+        for k, v in tiny.state_dict().items()
+        if k.startswith(("prompt_encoder.", "mask_decoder."))
+    }
+    return state, embeddings, labels[start : start + count] == 1
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> dict[str, list[float]]:
