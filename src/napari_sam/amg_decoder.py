@@ -102,8 +102,40 @@ def _image_to_token(
     return probs.transpose(1, 2) @ projected.reshape(b, h * t, -1)  # B N C_out
 
 
+def _subpixel_weights(upscaling: nn.Sequential) -> tuple[torch.Tensor, ...]:
+    """Both transposed convolutions of the output upscaling as ``(weight, bias)`` of a linear
+    map per token: weight ``(2 2 C_out) x C_in`` (sub-pixel major, channels last), contiguous."""
+    out = []
+    for conv in (upscaling[0], upscaling[3]):
+        cin, cout = conv.weight.shape[:2]
+        out.append(conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin).contiguous())
+        out.append(conv.bias.repeat(4))
+    return tuple(out)
+
+
+def _is_subpixel_upscaling(upscaling: nn.Sequential) -> bool:
+    """SAM's layout: 2x2/2 transposed convolution, channel LayerNorm, activation, 2x2/2
+    transposed convolution, activation."""
+    if len(upscaling) != 5:
+        return False
+    up1, norm, _, up2, _ = upscaling
+    return all(
+        isinstance(conv, nn.ConvTranspose2d)
+        and conv.kernel_size == (2, 2)
+        and conv.stride == (2, 2)
+        and conv.padding == (0, 0)
+        and conv.output_padding == (0, 0)
+        and conv.groups == 1
+        and conv.bias is not None
+        for conv in (up1, up2)
+    ) and all(hasattr(norm, a) for a in ("weight", "bias", "eps"))
+
+
 def _upscale_channels_last(
-    upscaling: nn.Sequential, keys: torch.Tensor, grid: tuple[int, int]
+    upscaling: nn.Sequential,
+    keys: torch.Tensor,
+    grid: tuple[int, int],
+    weights: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]] | None:
     """SAM's output upscaling applied to image tokens ``B x N x C`` without leaving token order.
 
@@ -115,44 +147,30 @@ def _upscale_channels_last(
     On a CPU in float32, oneDNN's fused linear adds the biases inside the GEMMs and applies the
     last GELU in the second one: two passes fewer over the largest tensors.
     """
-    if len(upscaling) != 5:
+    if not _is_subpixel_upscaling(upscaling):
         return None
-    up1, norm, act1, up2, act2 = upscaling
-    for conv in (up1, up2):
-        if not (
-            isinstance(conv, nn.ConvTranspose2d)
-            and conv.kernel_size == (2, 2)
-            and conv.stride == (2, 2)
-            and conv.padding == (0, 0)
-            and conv.output_padding == (0, 0)
-            and conv.groups == 1
-            and conv.bias is not None
-        ):
-            return None
-    if not all(hasattr(norm, a) for a in ("weight", "bias", "eps")):
-        return None
+    _, norm, act1, _, act2 = upscaling
     b, n = keys.shape[:2]
     fused = keys.device.type == "cpu" and keys.dtype == torch.float32 and fused_linear_available()
     exact_gelu = isinstance(act2, nn.GELU) and act2.approximate == "none"
+    w1, b1, w2, b2 = _subpixel_weights(upscaling) if weights is None else weights
 
-    def subpixel_linear(x: torch.Tensor, conv: nn.ConvTranspose2d, act=None) -> torch.Tensor:
-        # weight C_in x C_out x 2 x 2 -> (2 2 C_out) x C_in: sub-pixel major, channels last.
-        cin, cout = conv.weight.shape[:2]
-        weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin)
-        x = x.reshape(-1, cin)
+    def subpixel_linear(x: torch.Tensor, weight, bias, act=None) -> torch.Tensor:
+        cout = weight.shape[0] // 4
+        x = x.reshape(-1, weight.shape[1])
         if fused and (act is None or exact_gelu):
             attr = "none" if act is None else "gelu"
             out = torch.ops.mkldnn._linear_pointwise(
-                x, weight.contiguous(), conv.bias.repeat(4), attr, [], "" if act is None else "none"
+                x, weight, bias, attr, [], "" if act is None else "none"
             )
         else:
-            out = F.linear(x, weight, conv.bias.repeat(4))
+            out = F.linear(x, weight, bias)
             out = out if act is None else act(out)
         return out.reshape(-1, cout)
 
-    x = subpixel_linear(keys, up1)  # (B N 2 2) x C1
+    x = subpixel_linear(keys, w1, b1)  # (B N 2 2) x C1
     x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
-    x = subpixel_linear(x, up2, act2)  # (B N 2 2 2 2) x C2
+    x = subpixel_linear(x, w2, b2, act2)  # (B N 2 2 2 2) x C2
     return x.reshape(b, n * 16, -1), (4 * grid[0], 4 * grid[1])
 
 

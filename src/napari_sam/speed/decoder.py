@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_sam.amg_decoder import _heads, _self_attention, _upscale_channels_last
+from napari_sam.amg_decoder import (
+    _heads,
+    _is_subpixel_upscaling,
+    _self_attention,
+    _subpixel_weights,
+    _upscale_channels_last,
+)
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.transformer import Attention, TwoWayAttentionBlock
 from napari_sam.speed.kernels import DerivedWeights
@@ -61,6 +67,10 @@ class FastMaskDecoder(MaskDecoder):
         self._image_cache: tuple | None = None
         self._stacked_hypernetworks = DerivedWeights(
             self._hypernetwork_sources, self._hypernetwork_weights
+        )
+        self._upscaling_weights = DerivedWeights(
+            lambda: list(self.output_upscaling.parameters()),
+            lambda: _subpixel_weights(self.output_upscaling),
         )
 
     # forward() is MaskDecoder's; it calls predict_masks below.
@@ -239,7 +249,10 @@ class FastMaskDecoder(MaskDecoder):
         b = keys.shape[0]
         h, w = size
         m = hyper_in.shape[1]
-        rows = _upscale_channels_last(self.output_upscaling, keys, size)
+        rows = None
+        if _is_subpixel_upscaling(self.output_upscaling):
+            weights = self._upscaling_weights.get()
+            rows = _upscale_channels_last(self.output_upscaling, keys, size, weights)
         if rows is None:  # an upscaling network of another shape: run it as it is
             upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, -1, h, w))
             _, cu, hu, wu = upscaled.shape
