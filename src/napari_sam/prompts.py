@@ -8,7 +8,7 @@ Coordinates follow ``segment_anything``: ``(x, y)`` = (column, row) in pixels of
 from __future__ import annotations
 
 import functools
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -81,26 +81,34 @@ def mask_to_mask_input(
         return out
     c0, r0, c1, r1 = (int(v) for v in box)
     # Pixels outside the box add nothing, and cells that read none of it stay outside: only
-    # the box is read and only the cells it reaches are computed, as two small products.
-    rows, first_row, last_row = _resample_operator(original_size[0], int(h), side)
-    cols, first_col, last_col = _resample_operator(original_size[1], int(w), side)
-    i0, i1 = int(first_row[r0]), int(last_row[r1]) + 1
-    j0, j1 = int(first_col[c0]), int(last_col[c1]) + 1
+    # the box is read and only the cells it reaches are computed.
+    rows = _resample_operator(original_size[0], int(h), side)
+    cols = _resample_operator(original_size[1], int(w), side)
+    i0, i1 = int(rows.first_out[r0]), int(rows.last_out[r1]) + 1
+    j0, j1 = int(cols.first_out[c0]), int(cols.last_out[c1]) + 1
     crop = torch.from_numpy(np.ascontiguousarray(mask[r0 : r1 + 1, c0 : c1 + 1], np.float32))
-    fraction = rows[i0:i1, r0 : r1 + 1] @ crop @ cols[j0:j1, c0 : c1 + 1].T
+    across = _apply_banded(rows, crop, r0, i0, i1)  # cells' rows x crop columns
+    fraction = _apply_banded(cols, across.T, c0, j0, j1).T  # cells' rows x cells' columns
     # +-MASK_LOGIT written in place (a quarter of the time of np.where's float64 detour).
     cells = torch.from_numpy(out)[0, i0:i1, j0:j1]
     torch.mul(fraction >= 0.5, 2 * MASK_LOGIT, out=cells).sub_(MASK_LOGIT)
     return out
 
 
+class _Operator(NamedTuple):
+    """A banded ``(n_out, n_in)`` resampling operator and its band."""
+
+    matrix: torch.Tensor
+    first_out: np.ndarray  # per input: the first and last output reading it
+    last_out: np.ndarray
+    first_in: np.ndarray  # per output: the first and last input it reads
+    last_in: np.ndarray
+
+
 @functools.lru_cache(maxsize=16)
-def _resample_operator(
-    n_in: int, n_out: int, side: int
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def _resample_operator(n_in: int, n_out: int, side: int) -> _Operator:
     """The ``(side / 4, n_in)`` operator: resize ``n_in -> n_out`` samples as the image is
-    resized (bilinear, antialiased when shrinking), zero-pad to ``side``, average blocks of 4;
-    and for each input, the first and last output it reaches (the operator is banded).
+    resized (bilinear, antialiased when shrinking), zero-pad to ``side``, average blocks of 4.
 
     Memoised (a pure function of three integers, read-only results): every slice of a volume
     has the same size.
@@ -115,11 +123,29 @@ def _resample_operator(
             antialias=True,
         )[0, 0]
     weights = F.pad(weights, (0, 0, 0, side - n_out))
-    operator = weights.reshape(side // 4, 4, n_in).mean(dim=1)
-    reached = (operator != 0).numpy()
-    first = reached.argmax(axis=0)
-    last = len(reached) - 1 - reached[::-1].argmax(axis=0)
-    return operator, first, last
+    matrix = weights.reshape(side // 4, 4, n_in).mean(dim=1)
+    nonzero = (matrix != 0).numpy()
+
+    def first_last(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return a.argmax(axis=0), len(a) - 1 - a[::-1].argmax(axis=0)
+
+    return _Operator(matrix, *first_last(nonzero), *first_last(nonzero.T))
+
+
+_CHUNK = 64  # outputs per product: each chunk reads only its band of inputs
+
+
+def _apply_banded(op: _Operator, x: torch.Tensor, lo: int, start: int, stop: int) -> torch.Tensor:
+    """``op.matrix[start:stop, lo:lo + len(x)] @ x``, chunk by chunk of outputs, each product
+    over only the inputs its outputs read (a dense product would multiply mostly zeros)."""
+    out = x.new_zeros(stop - start, x.shape[1])
+    hi = lo + len(x)
+    for a in range(start, stop, _CHUNK):
+        b = min(a + _CHUNK, stop)
+        u, v = max(int(op.first_in[a]), lo), min(int(op.last_in[b - 1]) + 1, hi)
+        if u < v:
+            torch.mm(op.matrix[a:b, u:v], x[u - lo : v - lo], out=out[a - start : b - start])
+    return out
 
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray | None:
