@@ -99,9 +99,10 @@ def bench(name: str, slices: int, repeats: int, masks: str = "trained") -> dict:
     input_size = exact.transform.input_size((SLICE, SLICE))
     truth = None
     if masks == "trained":
-        state, embeddings, truth = common.trained_decoder_slices(slices + 1, SLICE)
+        state, embeddings, labels = common.trained_decoder_slices(slices + 1, SLICE)
         ref_model.load_state_dict(state, strict=False)
         ours.load_state_dict(state, strict=False)
+        truth = labels == 1
         seed = truth[0]
     else:
         with torch.no_grad():

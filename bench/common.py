@@ -134,8 +134,8 @@ def agreement(masks_a: list[np.ndarray], masks_b: list[np.ndarray]) -> dict[str,
     return {"min_iou": float(min(ious)), "mean_iou": float(np.mean(ious)), "masks": len(ious)}
 
 
-def trained_decoder_slices(count: int, size: int = 512, seed: int = 0):
-    """A trained decoder and ``count`` consecutive slice embeddings through one object.
+def trained_decoder_slices(count: int, size: int = 512, objects: int = 1):
+    """A trained decoder and ``count`` consecutive slice embeddings through ``objects`` objects.
 
     Random weights turn every prompt into speckle covering the whole slice, which is neither
     what a user sees nor a fair load for the mask-dependent steps of propagation. This gives
@@ -143,7 +143,8 @@ def trained_decoder_slices(count: int, size: int = 512, seed: int = 0):
     (tests/data/sam_test_tiny.safetensors) has SAM's own prompt encoder and mask decoder;
     its tiny encoder embeds each ``size x size`` slice of a synthetic ellipsoid volume on a
     16 x 16 grid, upsampled bilinearly to SAM's 64 x 64 (masks are compact and follow the
-    object, somewhat smaller than it: Dice about 0.75).
+    object, somewhat smaller than it: Dice about 0.75). The volume is the first of seeds 0, 1,
+    ... in which every object is present on ``count`` consecutive slices.
 
     Returns
     -------
@@ -151,8 +152,8 @@ def trained_decoder_slices(count: int, size: int = 512, seed: int = 0):
         ``prompt_encoder.*`` and ``mask_decoder.*`` weights (checkpoint names).
     embeddings : list of Tensor
         ``1 x 256 x 64 x 64`` (contiguous, channels first), one per slice.
-    truth : (count, size, size) bool ndarray
-        The object on those slices (present on every one of them).
+    truth : (count, size, size) int ndarray
+        The objects' labels (1 .. ``objects``) on those slices, each present on every slice.
     """
     import torch.nn.functional as F
 
@@ -160,12 +161,17 @@ def trained_decoder_slices(count: int, size: int = 512, seed: int = 0):
     from napari_sam.training.synthetic import ellipsoid_volume
     from napari_sam.weights import load_model
 
+    for seed in range(100):
+        shape = (220, size, size)
+        volume, labels = ellipsoid_volume(np.random.default_rng(seed), shape, objects)
+        spans = [np.flatnonzero((labels == k).any(axis=(1, 2))) for k in range(1, objects + 1)]
+        lo, hi = max(s[0] for s in spans), min(s[-1] for s in spans)
+        if hi - lo + 1 >= count:
+            break
+    else:
+        raise ValueError(f"no volume has {objects} objects on {count} slices; use fewer")
+    start = lo + (hi - lo + 1 - count) // 2
     tiny = load_model(ROOT / "tests" / "data" / "sam_test_tiny.safetensors", device="cpu")
-    volume, labels = ellipsoid_volume(np.random.default_rng(seed), (220, size, size), n_objects=1)
-    present = np.flatnonzero((labels == 1).any(axis=(1, 2)))
-    if len(present) < count:
-        raise ValueError(f"the object spans {len(present)} slices, fewer than {count}")
-    start = present[0] + (len(present) - count) // 2
     predictor = SamPredictor(tiny)
     embeddings = []
     with torch.no_grad():
@@ -178,7 +184,7 @@ def trained_decoder_slices(count: int, size: int = 512, seed: int = 0):
         for k, v in tiny.state_dict().items()
         if k.startswith(("prompt_encoder.", "mask_decoder."))
     }
-    return state, embeddings, labels[start : start + count] == 1
+    return state, embeddings, labels[start : start + count]
 
 
 def interleaved(
