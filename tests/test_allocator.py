@@ -6,6 +6,7 @@ Each case runs in a fresh interpreter: malloc's settings belong to the whole pro
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -46,8 +47,6 @@ print(json.dumps({"faults": counts[1:], "applied": applied}))
 
 
 def _run(mode: str, **env: str) -> dict:
-    import os
-
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     environ.update(env)
     out = subprocess.run(

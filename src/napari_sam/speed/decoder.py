@@ -19,7 +19,6 @@ The result equals the exact decoder up to float32 rounding (about 1e-5 on the lo
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -31,7 +30,7 @@ from napari_sam.amg_decoder import (
     _is_subpixel_upscaling,
     _self_attention,
     _subpixel_weights,
-    _upscale_channels_last,
+    _upscale_and_project,
 )
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.transformer import Attention, TwoWayAttentionBlock
@@ -247,33 +246,9 @@ class FastMaskDecoder(MaskDecoder):
         self, keys: torch.Tensor, hyper_in: torch.Tensor, size: tuple[int, int]
     ) -> torch.Tensor:
         """``B x N x C`` image tokens -> ``B x M x 4h x 4w`` mask logits (``M`` hypernetworks)."""
-        b = keys.shape[0]
-        h, w = size
-        m = hyper_in.shape[1]
-        rows = None
-        if _is_subpixel_upscaling(self.output_upscaling):
-            weights = self._upscaling_weights.get()
-            rows = _upscale_channels_last(self.output_upscaling, keys, size, weights)
-        if rows is None:  # an upscaling network of another shape: run it as it is
-            upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, -1, h, w))
-            _, cu, hu, wu = upscaled.shape
-            return (hyper_in @ upscaled.reshape(b, cu, hu * wu)).reshape(b, m, hu, wu)
-        features, (hu, wu) = rows
-        # (B, h, w, dy1, dx1, dy2, dx2, M) -> mask pixel (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2)
-        logits = torch.bmm(features, hyper_in.transpose(1, 2))
-        # (the bmm is B x (N 16) x M: M = 1 to 3 columns, memory-bound, a few hundred KB)
-        # Into image order by one gather of whole rows: an 8-D permuted copy with 2-element
-        # inner axes is 5x slower.
-        pixels = logits.index_select(1, _subpixel_order(h, w, logits.device))
-        return pixels.transpose(1, 2).reshape(b, m, hu, wu)
-
-
-@functools.lru_cache(maxsize=8)
-def _subpixel_order(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Row order ``(i, j, dy1, dx1, dy2, dx2)`` of the upscaled features -> image order: entry
-    ``p`` is the row of mask pixel ``p`` (row ``4i + 2 dy1 + dy2``, column ``4j + 2 dx1 + dx2``)."""
-    rows = torch.arange(h * w * 16, device=device).view(h, w, 2, 2, 2, 2)
-    return rows.permute(0, 2, 4, 1, 3, 5).reshape(-1)
+        upscaling = self.output_upscaling
+        weights = self._upscaling_weights.get() if _is_subpixel_upscaling(upscaling) else None
+        return _upscale_and_project(upscaling, keys, hyper_in, size, weights)
 
 
 def _project_pe(attn: Attention, linear: nn.Linear, pe: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,9 @@ class FastPromptEncoder(PromptEncoder):
         mixed = torch.nonzero(~uniform)[:, 0]
         # Worth it while most tokens share a few blocks; logits (all different) go straight.
         if 4 * mixed.numel() > lo.numel():
-            rows = _tap_order(grid.permute(0, 1, 3, 2, 4).reshape(-1, 4, 4))
+            # Mask row 4i + 2a + r: token row i, second-convolution tap a, first-conv. tap r.
+            taps = masks.reshape(b, eh, 2, 2, ew, 2, 2).permute(0, 1, 4, 2, 5, 3, 6)
+            rows = taps.reshape(-1, 16)  # one copy, already in _tap_order's order
             return _embed_rows(layers, rows).reshape(b, eh, ew, -1).permute(0, 3, 1, 2)
         values, which = torch.unique(lo[uniform], return_inverse=True)
         bi, rest = mixed // (eh * ew), mixed % (eh * ew)
