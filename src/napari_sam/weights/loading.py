@@ -66,7 +66,6 @@ def load_state_dict_into(
     model.load_state_dict(state, strict=True, assign=assign)
 
 
-
 def _fitting(
     expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], target: str
 ) -> dict[str, torch.Tensor]:
