@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["DEFAULT_MODEL", "MODELS", "ModelSpec", "get_spec"]
+__all__ = ["DEFAULT_MODEL", "MODELS", "ModelSpec", "custom_vit_spec", "get_spec"]
 
 SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 SAM_HOMEPAGE = "https://github.com/facebookresearch/segment-anything"
@@ -125,6 +125,33 @@ def _vit(embed_dim: int, depth: int, num_heads: int, global_attn: tuple[int, ...
         "num_heads": num_heads,
         "global_attn_indexes": global_attn,
     }
+
+
+def custom_vit_spec(
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    global_attn_indexes: tuple[int, ...],
+    image_size: int,
+    window_size: int = 14,
+    description: str = "",
+) -> ModelSpec:
+    """An unregistered ViT SAM, named by its sizes (``custom_vit_e768_d12_h12_s1024``).
+
+    ``window_size`` is stored only when it differs from SAM's 14, so that specs recognised from
+    files compare equal to the registry's.
+    """
+    kwargs: dict[str, Any] = _vit(embed_dim, depth, num_heads, tuple(global_attn_indexes))
+    if window_size != 14:
+        kwargs["window_size"] = window_size
+    return ModelSpec(
+        name=f"custom_vit_e{embed_dim}_d{depth}_h{num_heads}_s{image_size}",
+        encoder="vit",
+        encoder_kwargs=kwargs,
+        image_size=image_size,
+        license="unknown",
+        description=description,
+    )
 
 
 TINY_VIT_5M = {

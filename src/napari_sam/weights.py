@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from napari_sam.registry import MODELS, ModelSpec, get_spec
+from napari_sam.registry import MODELS, ModelSpec, custom_vit_spec, get_spec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -369,6 +369,9 @@ def read_state_dict(
         ``.safetensors``, or a PyTorch file (``.pth``/``.pt``/...). PyTorch files are loaded
         with ``weights_only=True``; wrappers ``{"model": ...}`` / ``{"state_dict": ...}`` and
         ``module.`` prefixes are removed; float16/bfloat16 tensors come back as float32.
+        A transformers-format checkpoint (a ``save_pretrained`` folder, its shard index, or a
+        weights file beside its ``config.json``) is renamed into this package's key names by
+        :func:`napari_sam.hf_format.read_hf_checkpoint`, and its spec read from the config.
 
     Returns
     -------
@@ -387,6 +390,15 @@ def read_state_dict(
         Empty, corrupt, or not a state dict.
     """
     path = Path(path).expanduser()
+    from napari_sam.hf_format import is_hf_checkpoint, read_hf_checkpoint
+
+    if is_hf_checkpoint(path):
+        return read_hf_checkpoint(path, read_file=_read_file)
+    return _read_file(path)
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
+    """One weights file, without the transformers-format check (see :func:`read_state_dict`)."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.stat().st_size == 0:
@@ -605,12 +617,17 @@ def detect_spec(state_dict: Mapping[str, torch.Tensor]) -> ModelSpec:
             "not a SAM checkpoint: expected image_encoder.patch_embed.proj.weight (ViT) or "
             f"image_encoder.layers.* (TinyViT / MobileSAM) keys; first keys: {sample}"
         )
-    for spec in MODELS.values():
-        if spec.test_fixture or spec.preprocessing != "sam":
+    return registered_twin(detected)
+
+
+def registered_twin(spec: ModelSpec) -> ModelSpec:
+    """The registry's SAM-preprocessed spec of the same architecture, else ``spec`` itself."""
+    for registered in MODELS.values():
+        if registered.test_fixture or registered.preprocessing != "sam":
             continue
-        if same_architecture(spec, detected):
-            return spec
-    return detected
+        if same_architecture(registered, spec):
+            return registered
+    return spec
 
 
 def _indices(state_dict: Mapping[str, Any], prefix: str) -> list[int]:
@@ -650,20 +667,13 @@ def _detect_vit(sd: Mapping[str, Any]) -> ModelSpec:
     windowed = {n for n in lengths if n != global_len}
     if len(windowed) > 1:
         raise ValueError(f"blocks use several attention window sizes ({sorted(windowed)})")
-    kwargs: dict[str, Any] = {
-        "embed_dim": embed_dim,
-        "depth": depth,
-        "num_heads": num_heads,
-        "global_attn_indexes": global_blocks,
-    }
-    if windowed and (window := (windowed.pop() + 1) // 2) != _VIT_WINDOW:
-        kwargs["window_size"] = window
-    return ModelSpec(
-        name=f"custom_vit_e{embed_dim}_d{depth}_h{num_heads}_s{image_size}",
-        encoder="vit",
-        encoder_kwargs=kwargs,
-        image_size=image_size,
-        license="unknown",
+    return custom_vit_spec(
+        embed_dim,
+        depth,
+        num_heads,
+        global_blocks,
+        image_size,
+        window_size=(windowed.pop() + 1) // 2 if windowed else _VIT_WINDOW,
         description="ViT SAM recognised from the checkpoint's tensor shapes.",
     )
 
