@@ -127,6 +127,10 @@ def _as_spec(spec_or_name: ModelSpec | str) -> ModelSpec:
 def destination(spec_or_name: ModelSpec | str) -> Path:
     """Path where the weights of a registered model go in the cache folder (may not exist)."""
     spec = _as_spec(spec_or_name)
+    if not spec.filename and spec.hub_repo:
+        from napari_sam import hub
+
+        return hub.destination(spec)
     if not spec.filename:
         raise ValueError(
             f"model {spec.name!r} has no file name, so it has no place in the cache; "
@@ -138,10 +142,13 @@ def destination(spec_or_name: ModelSpec | str) -> Path:
 def cached_path(spec_or_name: ModelSpec | str) -> Path | None:
     """The cached weights file of a model, or None when it is not in the cache."""
     spec = _as_spec(spec_or_name)
-    if not spec.filename:
-        return None
-    path = destination(spec)
-    return path if path.is_file() else None
+    if spec.filename and (path := cache_dir() / spec.filename).is_file():
+        return path
+    if spec.hub_repo:
+        from napari_sam import hub
+
+        return hub.cached_path(spec)
+    return None
 
 
 def is_cached(spec_or_name: ModelSpec | str) -> bool:
@@ -217,7 +224,10 @@ def download(
 
     The file is streamed into a temporary file beside the final one, its size and SHA-256 are
     checked against the registry (when it pins them), and only then is it renamed into place;
-    an existing file of that name is replaced only by a verified one.
+    an existing file of that name is replaced only by a verified one. A spec with a Hugging
+    Face Hub source (``hub_repo``) is fetched by :func:`napari_sam.hub.download` instead, with
+    the same guarantees; the result is then a folder (``base_url`` does not apply: a Hub mirror
+    is set with ``HF_ENDPOINT``).
 
     Parameters
     ----------
@@ -248,6 +258,12 @@ def download(
         ``cancel()`` returned True.
     """
     spec = _as_spec(spec_or_name)
+    if spec.hub_repo:
+        from napari_sam import hub
+
+        return hub.download(
+            spec, progress=progress, cancel=cancel, progress_callback=progress_callback
+        )
     dest = destination(spec)
     url = _source_url(spec, base_url)
     if not url:
