@@ -89,10 +89,7 @@ def test_download_with_progress_and_checksum(monkeypatch, capsys):
     assert weights.cached_path(spec).read_bytes() == data  # the verified file is kept
 
 
-def test_download_failures_exit_nonzero(monkeypatch, capsys, tmp_path):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty Hub cache
+def test_download_failures_exit_nonzero(monkeypatch, capsys):
     monkeypatch.delenv("NAPARI_SAM_BASE_URL", raising=False)
     # MedSAM now downloads from the Hugging Face Hub (tests/test_hub.py); a spec without any
     # source still says where to get the file.

@@ -51,7 +51,7 @@ class ModelSpec:
         The project page that distributes the weights: where to get the file by hand when
         ``url`` is None or a download fails.
     hub_repo, hub_revision, hub_files
-        A Hugging Face Hub source (see :mod:`napari_sam.hub`): repository id
+        A Hugging Face Hub source (see :mod:`napari_sam.weights.hub`): repository id
         (``"wanglab/medsam-vit-base"``), the commit to pin, and the files to fetch mapped to
         their SHA-256 (None: not pinned, reported when downloaded). The files form a
         transformers-format checkpoint. Takes precedence over ``url`` for downloads; a file
@@ -238,7 +238,7 @@ _OFFICIAL = [
         preprocessing="medsam",
         # The original medsam_vit_b.pth has no stable URL; a hand-supplied copy in the cache
         # folder under this name is used first. Downloads come from the Hub, in transformers'
-        # format (the same weights, renamed by hf_format).
+        # format (the same weights, renamed by weights/hf.py).
         url=None,
         filename="medsam_vit_b.pth",
         sha256=None,
@@ -254,7 +254,7 @@ _OFFICIAL = [
         hub_repo="wanglab/medsam-vit-base",
         hub_revision="de8488bca37bb1d4fb190f612c516126d739ce3b",
         # config.json is not fetched: the registry knows the architecture and the weights
-        # file alone is a complete transformers checkpoint (hf_format reads it from shapes).
+        # file alone is a complete transformers checkpoint (weights/hf.py reads it from shapes).
         hub_files={
             "pytorch_model.bin": "0ef67838fba16f16c0e308eaf7a3ae6fbf4fe8e13d7a120ca932671ed9c47db0"
         },

@@ -13,7 +13,7 @@ a mirror; gated repositories use the token from ``HF_TOKEN`` or ``hf auth login`
    package's cache, which is then renamed to :func:`destination`. A failed, cancelled or
    mismatching download never leaves a folder under that name.
 
-The folder is a transformers-format checkpoint, read by :mod:`napari_sam.hf_format`.
+The folder is a transformers-format checkpoint, read by :mod:`napari_sam.weights.hf`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from napari_sam.registry import ModelSpec
+from napari_sam.weights.cache import cache_dir, sha256_file
+from napari_sam.weights.fetch import ChecksumError, DownloadCancelled, WeightsUnavailableError
 
 __all__ = ["cached_path", "destination", "download"]
 
@@ -46,8 +48,6 @@ def _folder_name(spec: ModelSpec) -> str:
 
 def destination(spec: ModelSpec) -> Path:
     """Folder in this package's cache that holds a Hub entry's verified files (may not exist)."""
-    from napari_sam.weights import cache_dir
-
     if not spec.hub_repo:
         raise ValueError(f"model {spec.name!r} names no Hugging Face Hub repository")
     return cache_dir() / _folder_name(spec)
@@ -77,8 +77,6 @@ def _progress_class(
     """A tqdm class for huggingface_hub that reports bytes and polls ``cancel`` per chunk."""
     from huggingface_hub.utils import tqdm as hub_tqdm
 
-    from napari_sam.weights import DownloadCancelled
-
     class _Progress(hub_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             if not progress:
@@ -100,13 +98,17 @@ def _progress_class(
 
 def _hint(spec: ModelSpec, dest: Path) -> str:
     files = " ".join(spec.hub_files)
-    return (
+    text = (
         f"To get the files another way: on a machine with access run\n"
         f"    hf download {spec.hub_repo} {files} --revision {spec.hub_revision}\n"
         f"and copy the Hugging Face cache (~/.cache/huggingface/hub), or put the files into\n"
         f"    {dest}\n"
         "or load any folder holding them with napari_sam.load_model(folder)."
     )
+    if spec.filename:
+        where = f" from {spec.homepage}" if spec.homepage else ""
+        text += f"\nOr put {spec.filename}{where} at {cache_dir() / spec.filename}."
+    return text
 
 
 def _fetch(
@@ -118,8 +120,6 @@ def _fetch(
     endpoint: str | None,
 ) -> Path:
     from huggingface_hub import errors, hf_hub_download
-
-    from napari_sam.weights import DownloadCancelled, WeightsUnavailableError
 
     where = f"{filename} of {spec.hub_repo} at revision {spec.hub_revision}"
     offline = _offline()
@@ -234,8 +234,6 @@ def download(
     DownloadCancelled
         ``cancel()`` returned True.
     """
-    from napari_sam.weights import ChecksumError, sha256_file
-
     if not spec.hub_repo or not spec.hub_files:
         raise ValueError(f"model {spec.name!r} names no Hugging Face Hub repository and files")
     dest = destination(spec)

@@ -17,14 +17,14 @@ import torch
 import transformers  # a test dependency ([test] extra), never imported by the package
 
 from napari_sam import SamPredictor, build_sam, load_model, sam_model_registry
-from napari_sam.hf_format import (
+from napari_sam.registry import MODELS
+from napari_sam.weights import read_state_dict
+from napari_sam.weights.hf import (
     UnsupportedHFModelError,
     convert_hf_state_dict,
     is_hf_checkpoint,
     read_hf_checkpoint,
 )
-from napari_sam.registry import MODELS
-from napari_sam.weights import read_state_dict
 
 # Importing transformers and building its model take ~20 s on a loaded 2-core machine.
 pytestmark = pytest.mark.slow

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_sam.registry import ModelSpec, custom_vit_spec
+from napari_sam.weights.detect import VIT_WINDOW, detect_spec, registered_twin
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -103,7 +104,6 @@ _FIXED = {
         "num_pos_feats": 128,
     },
 }
-_VIT_WINDOW = 14
 _MLP_RATIO = 4
 
 
@@ -221,7 +221,7 @@ def spec_from_hf_config(
     depth = int(vision.get("num_hidden_layers", 12))
     heads = int(vision.get("num_attention_heads", 12))
     image_size = int(vision.get("image_size", 1024))
-    window = int(vision.get("window_size", _VIT_WINDOW))
+    window = int(vision.get("window_size", VIT_WINDOW))
     global_attn = tuple(int(i) for i in vision.get("global_attn_indexes", (2, 5, 8, 11)))
     mlp_dim = vision.get("mlp_dim") or _MLP_RATIO * embed_dim
     prompt_size = sub["prompt_encoder_config"].get("image_size", 1024)
@@ -252,8 +252,6 @@ def spec_from_hf_config(
         window_size=window,
         description="ViT SAM read from a transformers config.json.",
     )
-    from napari_sam.weights import registered_twin
-
     return registered_twin(spec)
 
 
@@ -417,13 +415,15 @@ def read_hf_checkpoint(
         The checkpoint folder, its ``config.json``, its shard index, or one weights file.
     read_file : callable, optional
         Reads one weights file (``.safetensors`` or a PyTorch pickle) safely into
-        ``(state_dict, embedded_spec)``; default: the weights module's reader (PyTorch files
-        with ``weights_only=True``, half precision cast to float32).
+        ``(state_dict, embedded_spec)``; default:
+        :func:`napari_sam.weights.checkpoint.read_one_file` (PyTorch files with
+        ``weights_only=True``).
 
     Returns
     -------
     state_dict : dict of str to Tensor
-        Keys as in Meta's checkpoints, on the CPU.
+        Keys as in Meta's checkpoints, on the CPU, in the stored dtype
+        (:func:`~napari_sam.weights.read_state_dict` casts half precision to float32).
     spec : ModelSpec
         From ``config.json`` when the folder has one, else from the tensor shapes.
 
@@ -435,7 +435,7 @@ def read_hf_checkpoint(
         Missing shards, unreadable files, keys that are not SAM's.
     """
     if read_file is None:
-        from napari_sam.weights import _read_file as read_file
+        from napari_sam.weights.checkpoint import read_one_file as read_file
     path = Path(path).expanduser()
     folder = _folder_of(path)
     config = read_hf_config(folder)
@@ -454,7 +454,5 @@ def read_hf_checkpoint(
         except ValueError as exc:
             raise ValueError(f"cannot read {path}: {exc}") from None
     if spec is None:
-        from napari_sam.weights import detect_spec
-
         spec = detect_spec(state)
     return state, spec
