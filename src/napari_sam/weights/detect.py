@@ -205,15 +205,18 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
     """True when two specs build models with the same state-dict layout and shapes.
 
     Preprocessing, URLs and names are ignored (MedSAM and vit_b are the same architecture).
-    For TinyViT the input size and the first (convolutional) stage's unused head count and
-    window are not part of the layout.
+    For a ViT whose blocks are all global the window size is not part of the layout; for
+    TinyViT the input size and the first (convolutional) stage's unused head count and window
+    are not.
     """
     if a.encoder != b.encoder:
         return False
     ka, kb = _normalise(dict(a.encoder_kwargs)), _normalise(dict(b.encoder_kwargs))
     if a.encoder == "vit":
-        ka.setdefault("window_size", VIT_WINDOW)
-        kb.setdefault("window_size", VIT_WINDOW)
+        for kwargs in (ka, kb):
+            window = kwargs.pop("window_size", VIT_WINDOW)
+            if set(range(kwargs.get("depth", 0))) - set(kwargs.get("global_attn_indexes", ())):
+                kwargs["window_size"] = window
         return ka == kb and a.image_size == b.image_size
     for key in ("num_heads", "window_sizes"):
         if key in ka and key in kb:
