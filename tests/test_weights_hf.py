@@ -8,6 +8,7 @@ model answer the same prompts on a 301 x 217 image.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -15,16 +16,18 @@ import numpy as np
 import pytest
 import torch
 import transformers  # a test dependency ([test] extra), never imported by the package
+from huggingface_hub import constants
 
 from napari_sam import SamPredictor, build_sam, load_model, sam_model_registry
 from napari_sam.registry import MODELS
-from napari_sam.weights import read_state_dict
+from napari_sam.weights import cached_path, read_state_dict
 from napari_sam.weights.hf import (
     UnsupportedHFModelError,
     convert_hf_state_dict,
     is_hf_checkpoint,
     read_hf_checkpoint,
 )
+from test_weights_hub import COMMIT, REPO, hub_server
 
 # Importing transformers and building its model take ~20 s on a loaded 2-core machine.
 pytestmark = pytest.mark.slow
@@ -290,3 +293,28 @@ def test_model_type_and_registry_entry_points(saved, image, hf_answers):
     with pytest.raises(ValueError, match="was requested"):
         load_model(saved / "single", model_type="vit_b", device="cpu")
     assert MODELS["vit_b"].preprocessing == "sam"
+
+
+def test_a_hub_entry_like_medsams_downloads_the_bin_alone(saved, monkeypatch, tmp_path):
+    """Registry-style: only pytorch_model.bin from the Hub, the spec (and MedSAM's
+    preprocessing) from the registry, the weights exactly transformers'."""
+    data = (saved / "bin" / "pytorch_model.bin").read_bytes()
+    _, spec = read_hf_checkpoint(saved / "single")
+    entry = spec.replace(
+        name="tiny_medsam_hub",
+        preprocessing="medsam",
+        hub_repo=REPO,
+        hub_revision=COMMIT,
+        hub_files={"pytorch_model.bin": hashlib.sha256(data).hexdigest()},
+    )
+    monkeypatch.setitem(MODELS, entry.name, entry)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with hub_server({"pytorch_model.bin": data}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        model = load_model(entry.name, device="cpu")
+    assert model.spec.preprocessing == "medsam"
+    assert [p.name for p in cached_path(entry).iterdir()] == ["pytorch_model.bin"]
+    expected, _ = read_state_dict(saved / "single")
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
