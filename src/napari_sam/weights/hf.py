@@ -32,9 +32,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "UnsupportedHFModelError",
+    "check_model_type",
     "convert_hf_state_dict",
     "is_hf_checkpoint",
     "read_hf_checkpoint",
+    "read_hf_config",
     "spec_from_hf_config",
 ]
 
@@ -125,6 +127,7 @@ def is_hf_checkpoint(path: str | os.PathLike) -> bool:
     That is: a folder with ``config.json`` or one of transformers' weight files; a
     ``*.index.json`` shard index; or a weights file with ``config.json`` beside it or with
     transformers' key names in its safetensors header. A Meta-format ``.pth`` alone is not.
+    Reads at most a ``config.json`` and a safetensors header, never the tensors.
     """
     path = Path(path).expanduser()
     if path.is_dir():

@@ -264,8 +264,10 @@ def download(
                 )
             (tmp / filename).parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(path, tmp / filename)
+        if cached_path(spec) is not None:
+            return dest  # another download finished first; its files are verified too
         if dest.exists():
-            # An incomplete folder from an older file list (cached_path said it was not there).
+            # An incomplete folder (files removed by hand, or an older file list).
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     return dest
