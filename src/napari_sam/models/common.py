@@ -26,6 +26,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``B x C x H x W`` over ``C`` at every pixel; same shape out."""
         mean = x.mean(dim=1, keepdim=True)
         centred = x - mean
         var = centred.pow(2).mean(dim=1, keepdim=True)
@@ -53,4 +54,5 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``... x embedding_dim`` -> ``... x embedding_dim``."""
         return self.lin2(self.act(self.lin1(x)))

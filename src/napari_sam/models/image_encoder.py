@@ -156,6 +156,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x C x H x W`` image -> ``B x H/p x W/p x embed_dim`` tokens."""
         return self.proj(x).permute(0, 2, 3, 1)
 
 
@@ -207,6 +208,7 @@ class Block(nn.Module):
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x H x W x dim`` tokens -> the same shape."""
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
@@ -254,6 +256,7 @@ class Attention(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend over all ``H x W`` tokens of ``B x H x W x dim``; same shape out."""
         b, h, w, c = x.shape
         # b x n x (3 heads head_dim) -> 3 x b x heads x n x head_dim
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)

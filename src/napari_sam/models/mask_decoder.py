@@ -113,8 +113,10 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Check the batch sizes; the output tokens followed by the prompt tokens, ``B x T x C``
-        (output tokens cast to ``dtype`` when given)."""
+        """Check the batch sizes; return the output tokens, then the prompt tokens, ``B x T x C``.
+
+        The output tokens are cast to ``dtype`` when given.
+        """
         b = sparse_prompt_embeddings.shape[0]
         if image_embeddings.ndim != 4 or image_embeddings.shape[0] not in (1, b):
             raise ValueError(
@@ -195,6 +197,7 @@ class MLP(nn.Module):
         self.sigmoid_output = sigmoid_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``... x input_dim`` -> ``... x output_dim``."""
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < self.num_layers - 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -42,8 +43,11 @@ class PromptEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
-        self.image_embedding_size = tuple(image_embedding_size)
-        self.input_image_size = tuple(input_image_size)
+        # Unpacked (not tuple()) so that a list works too and the pair stays a pair.
+        emb_h, emb_w = image_embedding_size
+        in_h, in_w = input_image_size
+        self.image_embedding_size = (emb_h, emb_w)
+        self.input_image_size = (in_h, in_w)
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
         # 0 background point, 1 foreground point, 2 box top-left, 3 box bottom-right.
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
@@ -167,7 +171,7 @@ class PromptEncoder(nn.Module):
         pe = self.pe_layer.forward_with_coords(coords, self.input_image_size)
         # Row i of the table is the learned embedding of label i - 1.
         table = torch.cat(
-            [self.not_a_point_embed.weight] + [e.weight for e in self.point_embeddings], dim=0
+            [self.not_a_point_embed.weight] + [self.point_embedding(i) for i in range(4)], dim=0
         )
         # Padding points carry no position, only their own embedding.
         pe = pe * (labels != -1).unsqueeze(-1).to(pe.dtype)
@@ -176,8 +180,17 @@ class PromptEncoder(nn.Module):
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes.to(torch.float32) + 0.5).reshape(-1, 2, 2)
         pe = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        corner_embed = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+        corner_embed = torch.cat([self.point_embedding(2), self.point_embedding(3)])
         return pe + corner_embed
+
+    def point_embedding(self, label: int) -> torch.Tensor:
+        """The learned ``1 x embed_dim`` embedding of point label ``label``.
+
+        Labels 0 (background), 1 (foreground), 2 and 3 (box corners); padding points (-1) use
+        ``not_a_point_embed`` instead.
+        """
+        # ModuleList items are typed as Module; __init__ fills it with nn.Embedding only.
+        return cast(nn.Embedding, self.point_embeddings[label]).weight
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -190,6 +203,9 @@ class PositionEmbeddingRandom(nn.Module):
     scale : float or None
         Standard deviation of the frequencies (1 when None or not positive).
     """
+
+    # Registered in __init__, declared for type checkers (nn.Module.__getattr__ is untyped).
+    positional_encoding_gaussian_matrix: torch.Tensor
 
     def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
         super().__init__()

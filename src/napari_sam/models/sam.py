@@ -36,6 +36,9 @@ class Sam(nn.Module):
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
+    # Buffers registered in __init__, declared for type checkers (nn.Module.__getattr__ is untyped).
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
 
     def __init__(
         self,
@@ -57,15 +60,20 @@ class Sam(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Device of the model's parameters and buffers."""
         return self.pixel_mean.device
 
     @property
     def image_size(self) -> int:
         """Side ``S`` of the square encoder input in pixels."""
-        return int(self.image_encoder.img_size)
+        size = self.image_encoder.img_size
+        if not isinstance(size, int):
+            raise TypeError(f"image_encoder.img_size must be an int (pixels), got {size!r}")
+        return size
 
     @property
     def is_medsam(self) -> bool:
+        """Whether the model uses MedSAM's preprocessing (see the class docstring)."""
         return self.spec is not None and self.spec.preprocessing == "medsam"
 
     @torch.no_grad()

@@ -220,6 +220,9 @@ class Attention(nn.Module):
     its output per head as ``[q, k, v]``, not as ``[all q, all k, all v]``.
     """
 
+    # Registered in __init__, declared for type checkers (nn.Module.__getattr__ is untyped).
+    attention_bias_idxs: torch.Tensor
+
     def __init__(self, dim: int, num_heads: int, window_size: int) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -432,6 +435,7 @@ class TinyViT(nn.Module):
                 stride = 1 if i + 1 == last else 2
                 downsample = PatchMerging(embed_dims[i], embed_dims[i + 1], stride)
             stage_dpr = dpr[starts[i] : starts[i + 1]]
+            layer: ConvLayer | BasicLayer
             if i == 0:
                 layer = ConvLayer(
                     embed_dims[0], depths[0], stage_dpr, mbconv_expand_ratio, downsample

@@ -143,6 +143,12 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update prompt tokens ``B x Nq x C`` and image tokens ``B x Nk x C`` (same shapes).
+
+        ``query_pe`` and ``key_pe`` (shaped as ``queries`` and ``keys``) are added to the
+        queries and keys of every attention, except the first self-attention when
+        ``skip_first_layer_pe``.
+        """
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
