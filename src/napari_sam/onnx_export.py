@@ -30,8 +30,10 @@ import logging
 import os
 import secrets
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -40,8 +42,14 @@ from torch import nn
 
 from napari_sam.amg_utils import calculate_stability_score
 
+if TYPE_CHECKING:
+    from napari_sam.models.mask_decoder import MaskDecoder
+    from napari_sam.models.prompt_encoder import PromptEncoder
+    from napari_sam.transforms import ResizeLongestSide
+
 __all__ = [
     "INPUT_NAMES",
+    "DecoderParts",
     "SamOnnxDecoder",
     "dummy_inputs",
     "export_decoder",
@@ -61,13 +69,53 @@ INPUT_NAMES = (
 MIN_OPSET = 11
 
 
+class DecoderParts(Protocol):
+    """What the export reads of a model: a :class:`~napari_sam.models.sam.Sam` has all of it.
+
+    A model may also have ``is_medsam`` (bool, MedSAM's mask upscaling); it is read when
+    present.
+    """
+
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        """Points, boxes and masks to prompt embeddings."""
+        ...
+
+    @property
+    def mask_decoder(self) -> MaskDecoder:
+        """Embeddings to mask logits and IoU predictions."""
+        ...
+
+    @property
+    def image_size(self) -> int:
+        """Side ``S`` of the square encoder input, in pixels."""
+        ...
+
+    @property
+    def mask_threshold(self) -> float:
+        """Logit threshold of a mask pixel."""
+        ...
+
+
+@dataclass(frozen=True)
+class _DecoderCopy:
+    """CPU copies of a model's two small modules with the scalars the export needs."""
+
+    prompt_encoder: PromptEncoder
+    mask_decoder: MaskDecoder
+    image_size: int
+    is_medsam: bool
+    mask_threshold: float
+
+
 class SamOnnxDecoder(nn.Module):
-    """Prompt encoder, mask decoder and upscaling of a Sam, written without data-dependent
-    Python control flow so that it traces into one ONNX graph.
+    """Prompt encoder, mask decoder and upscaling of a Sam, traceable into one ONNX graph.
+
+    Written without data-dependent Python control flow, so that tracing records every branch.
 
     Parameters
     ----------
-    model : Sam
+    model : Sam or DecoderParts
         Its ``prompt_encoder`` and ``mask_decoder`` are used (not copied); anything with those
         and ``image_size``, ``mask_threshold`` (and optionally ``is_medsam``) will do.
     return_single_mask : bool
@@ -81,7 +129,7 @@ class SamOnnxDecoder(nn.Module):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: DecoderParts,
         return_single_mask: bool,
         use_stability_score: bool = False,
         return_extra_metrics: bool = False,
@@ -107,8 +155,9 @@ class SamOnnxDecoder(nn.Module):
         embedding = embedding + self.prompt_encoder.not_a_point_embed.weight * (labels == -1).to(
             pe.dtype
         )
-        for i, point_embed in enumerate(self.prompt_encoder.point_embeddings):
-            embedding = embedding + point_embed.weight * (labels == i).to(pe.dtype)
+        for i in range(len(self.prompt_encoder.point_embeddings)):
+            point_embed = self.prompt_encoder.point_embedding(i)
+            embedding = embedding + point_embed * (labels == i).to(pe.dtype)
         return embedding
 
     def _embed_masks(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
@@ -119,18 +168,20 @@ class SamOnnxDecoder(nn.Module):
     def _upscale(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
         size = orig_im_size.to(torch.int64)
         h, w = size[0], size[1]
+        # h and w are 0-d tensors, not ints, so that the traced graph reads the output size
+        # from orig_im_size (ints would be frozen into the graph); torch's stubs say int.
         if self.medsam:
-            return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
+            return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)  # type: ignore[arg-type]
         s = self.image_size
         masks = F.interpolate(masks, size=(s, s), mode="bilinear", align_corners=False)
         # The resized image's size inside the padded frame, computed in the graph.
         orig = orig_im_size.to(torch.float32)
         resized = torch.floor(orig * (s / torch.max(orig)) + 0.5).to(torch.int64)
         masks = masks[..., : resized[0], : resized[1]]
-        return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
+        return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)  # type: ignore[arg-type]
 
     def _select_single(
-        self, masks: torch.Tensor, scores: torch.Tensor, num_points
+        self, masks: torch.Tensor, scores: torch.Tensor, num_points: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Token 0 wins by a large margin when there are more than 2.5 points, else it loses.
         bias = torch.zeros_like(scores[:1])
@@ -149,6 +200,14 @@ class SamOnnxDecoder(nn.Module):
         has_mask_input: torch.Tensor,
         orig_im_size: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        """Decode masks for one image embedding and one prompt set (see the module table).
+
+        Returns
+        -------
+        tuple of Tensor
+            ``masks``, ``iou_predictions``, then ``stability_scores`` and ``areas`` when
+            ``return_extra_metrics``, then ``low_res_masks``; :func:`output_names` names them.
+        """
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_masks(mask_input, has_mask_input)
         masks, scores = self.mask_decoder.predict_masks(
@@ -174,12 +233,13 @@ class SamOnnxDecoder(nn.Module):
 
 
 def output_names(return_extra_metrics: bool = False) -> list[str]:
+    """Names of the exported graph's outputs, in the order :class:`SamOnnxDecoder` returns them."""
     if return_extra_metrics:
         return ["masks", "iou_predictions", "stability_scores", "areas", "low_res_masks"]
     return ["masks", "iou_predictions", "low_res_masks"]
 
 
-def dummy_inputs(model: nn.Module, num_points: int = 5) -> dict[str, torch.Tensor]:
+def dummy_inputs(model: DecoderParts, num_points: int = 5) -> dict[str, torch.Tensor]:
     """Example inputs of the right shapes (random values) for tracing and smoke runs."""
     gen = torch.Generator().manual_seed(0)
     e = model.prompt_encoder.image_embedding_size
@@ -195,7 +255,7 @@ def dummy_inputs(model: nn.Module, num_points: int = 5) -> dict[str, torch.Tenso
     }
 
 
-def _replace_atomically(write, output: Path) -> None:
+def _replace_atomically(write: Callable[[Path], None], output: Path) -> None:
     """Call ``write(tmp_path)``, then move the file into place; nothing is left on failure."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
@@ -219,7 +279,7 @@ def _require(module: str) -> None:
 
 
 def export_decoder(
-    model: nn.Module,
+    model: DecoderParts,
     output: str | os.PathLike,
     *,
     return_single_mask: bool = False,
@@ -233,7 +293,7 @@ def export_decoder(
 
     Parameters
     ----------
-    model : Sam
+    model : Sam or DecoderParts
     output : path-like
         The ``.onnx`` file; written atomically (an existing file is replaced only on success).
     return_single_mask, use_stability_score, return_extra_metrics : bool
@@ -256,7 +316,7 @@ def export_decoder(
     output = Path(output)
     # Copies of the two small modules only (never the image encoder, up to 2.5 GB): the user's
     # model keeps its device and its GELUs.
-    decoder_only = SimpleNamespace(
+    decoder_only = _DecoderCopy(
         prompt_encoder=copy.deepcopy(model.prompt_encoder).to("cpu").eval(),
         mask_decoder=copy.deepcopy(model.mask_decoder).to("cpu").eval(),
         image_size=model.image_size,
@@ -349,7 +409,7 @@ def quantize_decoder(source: str | os.PathLike, output: str | os.PathLike) -> Pa
 
 
 def onnx_inputs(
-    transform,
+    transform: ResizeLongestSide,
     original_size: tuple[int, int],
     image_embedding: torch.Tensor | np.ndarray,
     point_coords: np.ndarray | None = None,
