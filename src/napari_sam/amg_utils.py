@@ -190,7 +190,8 @@ def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
 
 def box_xyxy_to_xywh(box: Any) -> Any:
     """``(x0, y0, x1, y1)`` -> ``(x0, y0, width, height)``; a copy, same type as the input."""
-    out = box.clone() if isinstance(box, torch.Tensor) else np.array(box, copy=True)
+    # Tensor or ndarray: both support the same indexing arithmetic.
+    out: Any = box.clone() if isinstance(box, torch.Tensor) else np.array(box, copy=True)
     out[..., 2] = out[..., 2] - out[..., 0]
     out[..., 3] = out[..., 3] - out[..., 1]
     return out
@@ -296,8 +297,8 @@ def mask_to_rle(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
     flat = masks.transpose(1, 2).reshape(b, h * w).to(torch.bool)
     if h * w == 0:
         return [{"size": [h, w], "counts": [0]} for _ in range(b)]
-    mask_idx, pos = torch.nonzero(flat[:, 1:] != flat[:, :-1], as_tuple=True)
-    pos = (pos + 1).cpu().numpy()
+    mask_idx, before = torch.nonzero(flat[:, 1:] != flat[:, :-1], as_tuple=True)
+    pos = (before + 1).cpu().numpy()
     splits = np.cumsum(torch.bincount(mask_idx, minlength=b).cpu().numpy())[:-1]
     starts_with_one = flat[:, 0].cpu().numpy()
     out = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -98,10 +99,12 @@ class Window:
 
     @property
     def width(self) -> float:
+        """``high - low``, in the volume's units."""
         return self.high - self.low
 
     @property
     def level(self) -> float:
+        """Centre ``(low + high) / 2``, in the volume's units."""
         return (self.low + self.high) / 2.0
 
     def apply(self, array: np.ndarray) -> np.ndarray:
@@ -291,7 +294,7 @@ def looks_like_ct(volume: np.ndarray) -> bool:
     return bool(np.percentile(_sample(volume), 0.5) <= _CT_MIN_HU)
 
 
-def make_window(volume: np.ndarray | None, mode: str = "auto", **kw: float) -> Window:
+def make_window(volume: np.ndarray | None, mode: str = "auto", **kw: Any) -> Window:
     """One window for a whole volume, chosen by name (used by the widget, CLI and session).
 
     Parameters
@@ -307,7 +310,7 @@ def make_window(volume: np.ndarray | None, mode: str = "auto", **kw: float) -> W
         ``"contrast_limits"`` (kw ``limits``), ``"custom"`` (kw ``low``, ``high``),
         ``"medsam_ct"``, ``"medsam_mr"``.
     **kw
-        Mode parameters as listed.
+        Mode parameters as listed (floats, ``limits`` a pair, ``nonzero`` a bool).
 
     Returns
     -------

@@ -40,4 +40,6 @@ def apply_rows(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> to
     for t in range(index.shape[1]):
         term = x.index_select(-2, index[:, t]).mul_(weight[:, t, None])
         out = term if out is None else out.add_(term)
+    if out is None:
+        raise ValueError("index has no taps (shape n_out x 0); use operator_taps to build it")
     return out

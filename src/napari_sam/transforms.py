@@ -13,11 +13,16 @@ Coordinates are ``(x, y)`` in pixels of the original image; the transforms map t
 from __future__ import annotations
 
 from copy import deepcopy
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+
+if TYPE_CHECKING:
+    from napari_sam.registry import ModelSpec
 
 __all__ = ["ResizeLongestSide", "StretchResize", "transform_for"]
 
@@ -34,6 +39,7 @@ class ResizeLongestSide:
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        """Size ``(h, w)`` of an ``oldh x oldw`` image scaled to a long side of the given length."""
         scale = long_side_length * 1.0 / max(oldh, oldw)
         return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
 
@@ -43,8 +49,8 @@ class ResizeLongestSide:
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """Resize an ``H x W x 3`` uint8 image to :meth:`input_size`."""
-        h, w = self.input_size(image.shape[:2])
-        return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        h, w = self.input_size((image.shape[0], image.shape[1]))
+        return np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """Map ``... x 2`` coordinates ``(x, y)`` into the encoder frame."""
@@ -61,12 +67,13 @@ class ResizeLongestSide:
 
     def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
         """Resize a ``B x C x H x W`` float tensor (bilinear, antialiased)."""
-        h, w = self.input_size(image.shape[-2:])
+        h, w = self.input_size((image.shape[-2], image.shape[-1]))
         return F.interpolate(image, (h, w), mode="bilinear", align_corners=False, antialias=True)
 
     def apply_coords_torch(
         self, coords: torch.Tensor, original_size: tuple[int, int]
     ) -> torch.Tensor:
+        """Map ``... x 2`` coordinates ``(x, y)`` into the encoder frame (float tensor)."""
         old_h, old_w = original_size
         new_h, new_w = self.input_size(original_size)
         coords = coords.clone().to(torch.float)
@@ -77,6 +84,7 @@ class ResizeLongestSide:
     def apply_boxes_torch(
         self, boxes: torch.Tensor, original_size: tuple[int, int]
     ) -> torch.Tensor:
+        """Map ``B x 4`` boxes ``(x0, y0, x1, y1)`` into the encoder frame (float tensor)."""
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
 
@@ -88,9 +96,11 @@ class StretchResize(ResizeLongestSide):
     """
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """Always ``(target_length, target_length)``, whatever the original size."""
         return self.target_length, self.target_length
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """Resize an ``H x W x C`` uint8 image to ``target_length x target_length``."""
         from skimage.transform import resize
 
         s = self.target_length
@@ -105,12 +115,13 @@ class StretchResize(ResizeLongestSide):
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def transform_for(spec_or_model) -> ResizeLongestSide:
+def transform_for(spec_or_model: ModelSpec | nn.Module | None) -> ResizeLongestSide:
     """Return the transform matching a :class:`~napari_sam.registry.ModelSpec` or a model.
 
     A model without a spec (e.g. built by hand) uses SAM's transform at its encoder's input size.
     """
-    spec = getattr(spec_or_model, "spec", spec_or_model)
+    # Duck-typed: anything with a ``preprocessing`` and an ``image_size`` is a spec.
+    spec: Any = getattr(spec_or_model, "spec", spec_or_model)
     if spec is not None and hasattr(spec, "preprocessing"):
         size = spec.image_size
         if spec.preprocessing == "medsam":

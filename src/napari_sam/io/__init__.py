@@ -1,0 +1,1 @@
+"""Reading and writing medical image files (NIfTI) with their geometry intact."""

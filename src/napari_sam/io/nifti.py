@@ -35,6 +35,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt_mod
+from nibabel.arrayproxy import ArrayProxy
 
 __all__ = [
     "DISPLAY_AXES",
@@ -161,7 +162,7 @@ def _to_display_transform(affine: np.ndarray) -> np.ndarray:
 
 
 def _display_geometry(display_affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """napari scale and translate of the display grid (world axes I, P, L in mm)."""
+    """The napari scale and translate of the display grid (world axes I, P, L in mm)."""
     target = ornt_mod.axcodes2ornt(DISPLAY_AXES)
     scale, translate = [], []
     for k in range(3):
@@ -175,7 +176,7 @@ def _display_geometry(display_affine: np.ndarray) -> tuple[tuple[float, ...], tu
 def _slope_inter(img: nib.Nifti1Image) -> tuple[float, float]:
     """Scaling applied on read (nibabel moves scl_slope/inter from the header to the proxy)."""
     proxy = img.dataobj
-    if nib.is_proxy(proxy):
+    if isinstance(proxy, ArrayProxy):  # what nib.is_proxy means for a NIfTI image
         return float(proxy.slope), float(proxy.inter)
     return 1.0, 0.0  # an in-memory array holds final values
 
@@ -187,7 +188,11 @@ def _read_voxels(img: nib.Nifti1Image, volume: int | None) -> tuple[np.ndarray, 
         # Slicing reads only this volume, already scaled (float64 if scaling applies).
         return np.asarray(proxy[:, :, :, volume]), 1.0, 0.0
     slope, inter = _slope_inter(img)
-    return np.asarray(proxy.get_unscaled() if nib.is_proxy(proxy) else proxy), slope, inter
+    return (
+        np.asarray(proxy.get_unscaled() if isinstance(proxy, ArrayProxy) else proxy),
+        slope,
+        inter,
+    )
 
 
 def _materialise(view: np.ndarray, slope: float, inter: float, scaled: bool) -> np.ndarray:
@@ -468,31 +473,32 @@ def image_from_display(
     data = np.asarray(data)
     if data.ndim not in (2, 3, 4):
         raise ValueError(f"expected a 2D, 3D or 4D (time first) array, got shape {data.shape}")
-    scale = np.ones(data.ndim) if scale is None else np.asarray(scale, dtype=np.float64)
-    translate = np.zeros(data.ndim) if translate is None else np.asarray(translate, np.float64)
-    if scale.shape != (data.ndim,) or translate.shape != (data.ndim,):
+    # Arrays from here on (the arguments are sequences).
+    scale_mm = np.ones(data.ndim) if scale is None else np.asarray(scale, dtype=np.float64)
+    shift_mm = np.zeros(data.ndim) if translate is None else np.asarray(translate, np.float64)
+    if scale_mm.shape != (data.ndim,) or shift_mm.shape != (data.ndim,):
         raise ValueError(
             f"scale and translate need {data.ndim} values (one per axis of {data.shape}), "
-            f"got {scale.tolist()} and {translate.tolist()}"
+            f"got {scale_mm.tolist()} and {shift_mm.tolist()}"
         )
-    if np.any(scale <= 0):
-        raise ValueError(f"scale must be positive, got {scale.tolist()}")
+    if np.any(scale_mm <= 0):
+        raise ValueError(f"scale must be positive, got {scale_mm.tolist()}")
     if data.ndim == 4:
         data = np.moveaxis(data, 0, -1)
-        scale, translate = scale[1:], translate[1:]
+        scale_mm, shift_mm = scale_mm[1:], shift_mm[1:]
     flat = data.ndim == 2
     if flat:
         data = data[np.newaxis]
-        scale = np.concatenate([[1.0], scale])
-        translate = np.concatenate([[0.0], translate])
+        scale_mm = np.concatenate([[1.0], scale_mm])
+        shift_mm = np.concatenate([[0.0], shift_mm])
     # Display voxel index -> RAS mm: display axis k runs along -RAS axis (2 - k).
     display_affine = np.zeros((4, 4))
     display_affine[3, 3] = 1.0
     target = ornt_mod.axcodes2ornt(DISPLAY_AXES)
     for k in range(3):
         ras_axis, sign = int(target[k, 0]), target[k, 1]
-        display_affine[ras_axis, k] = sign * scale[k]
-        display_affine[ras_axis, 3] = sign * translate[k]
+        display_affine[ras_axis, k] = sign * scale_mm[k]
+        display_affine[ras_axis, 3] = sign * shift_mm[k]
     to_ras = ornt_mod.ornt_transform(target, ornt_mod.axcodes2ornt(("R", "A", "S")))
     spatial_shape = data.shape[:3]
     arr = ornt_mod.apply_orientation(data, to_ras)
