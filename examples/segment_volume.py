@@ -25,13 +25,16 @@ import numpy as np
 from napari_sam import VolumeSession
 from napari_sam.prompts import mask_to_box
 
+# label -> (name, slice index, box (x0, y0, x1, y1) in pixels, true mask or None)
+Objects = dict[int, tuple[str, int, list[float], np.ndarray | None]]
 
-def phantom_objects():
+
+def phantom_objects() -> tuple[np.ndarray, tuple[float, float, float], Objects]:
     """The CT phantom (HU), its geometry and a box per lung on the lung's largest slice."""
     from napari_sam._napari.sample_data import PHANTOM_LABELS, make_ct_phantom
 
     volume, spacing, truth = make_ct_phantom(shape=(48, 192, 192), spacing=(3.0, 1.0, 1.0))
-    objects = {}
+    objects: Objects = {}
     for label, name in enumerate(("right_lung", "left_lung"), start=1):
         inside = truth == PHANTOM_LABELS[name]
         z = int(np.argmax(inside.sum(axis=(1, 2))))
@@ -40,6 +43,7 @@ def phantom_objects():
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the example with command-line arguments ``argv``; return the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("volume", nargs="?", help=".nii/.nii.gz (default: the CT phantom)")
     parser.add_argument("--slice", type=int, help="slice of the box (your own volume)")

@@ -48,6 +48,7 @@ class SyntheticSource:
     config: SceneConfig = field(default_factory=SceneConfig)
 
     def draw(self, rng: np.random.Generator) -> TrainingSample:
+        """A new random scene drawn with ``rng``."""
         return training_sample(rng, self.config)
 
 
@@ -59,7 +60,13 @@ def _stem(path: Path, suffixes: tuple[str, ...]) -> str | None:
     return None
 
 
-def _pairs(root: Path, first: str, second: str, suffixes: tuple[str, ...], mask_suffixes):
+def _pairs(
+    root: Path,
+    first: str,
+    second: str,
+    suffixes: tuple[str, ...],
+    mask_suffixes: tuple[str, ...],
+) -> list[tuple[Path, Path]]:
     """Files of ``root/first`` matched by name to files of ``root/second``."""
     root = Path(root)
     a_dir, b_dir = root / first, root / second
@@ -120,6 +127,7 @@ class ImageFolder:
         return len(self.pairs)
 
     def load(self, index: int) -> TrainingSample:
+        """Read pair ``index`` (in name order) from disk."""
         from skimage import io
 
         image_path, mask_path = self.pairs[index]
@@ -133,6 +141,7 @@ class ImageFolder:
         return TrainingSample(image, labels)
 
     def draw(self, rng: np.random.Generator) -> TrainingSample:
+        """A random pair with at least one object (pairs without any are skipped)."""
         # Images without any object teach nothing: try others (a few times) before failing.
         for _ in range(10 * len(self.pairs)):
             sample = self.load(int(rng.integers(len(self.pairs))))
@@ -187,6 +196,7 @@ class NiftiFolder:
         return len(self.slices)
 
     def draw(self, rng: np.random.Generator) -> TrainingSample:
+        """A random labelled slice with the labels of a random adjacent slice."""
         index, z = self.slices[int(rng.integers(len(self.slices)))]
         volume, labels = self.volumes[index]
         step = 1 if rng.random() < 0.5 else -1
@@ -198,7 +208,9 @@ class NiftiFolder:
         )
 
 
-def open_source(path: str | Path, *, axis: int = 0, window: str = "auto"):
+def open_source(
+    path: str | Path, *, axis: int = 0, window: str = "auto"
+) -> NiftiFolder | ImageFolder:
     """A folder source for ``path``: NIfTI volumes if ``images/`` holds any, else 2D pairs."""
     path = Path(path)
     images = path / "images"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from napari_sam.training.synthetic import (
     ellipsoid_volume,
     synthetic_scene,
 )
+
+if TYPE_CHECKING:
+    from napari_sam.models.sam import Sam
 
 __all__ = [
     "click_and_box_ious",
@@ -78,8 +82,11 @@ def scene_cases(seed: int, n: int, config: SceneConfig | None = None) -> Iterato
 def click_and_box_ious(
     predictor: SamPredictor, cases: list[Case]
 ) -> tuple[list[float], list[float]]:
-    """Per case: IoU of the best-scored of three masks from one positive click, and IoU of
-    the single mask from the object's tight box (one image encoding for both)."""
+    """Per case: the IoUs of a click's best mask and of a box's mask.
+
+    The click is one positive point, its mask the best-scored of three; the box is the
+    object's tight box, with a single mask. One image encoding serves both.
+    """
     clicks, boxes = [], []
     for case in cases:
         predictor.set_image(case.sample.image)
@@ -182,7 +189,7 @@ def propagation_ious(
     return out
 
 
-def evaluate(model, seed: int, n_cases: int = 50) -> dict[str, float]:
+def evaluate(model: Sam, seed: int, n_cases: int = 50) -> dict[str, float]:
     """All quality measures of ``model`` on held-out cases drawn with ``seed``."""
     predictor = SamPredictor(model)
     cases = list(scene_cases(seed, n_cases))

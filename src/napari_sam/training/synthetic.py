@@ -107,11 +107,14 @@ class SceneConfig:
     min_separation: float = 0.2
 
     def to_dict(self) -> dict[str, Any]:
+        """The parameters as a JSON-serialisable dict (ranges as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SceneConfig:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        """Inverse of :meth:`to_dict` (lists become the range tuples again)."""
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**fields)
 
 
 def random_texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:

@@ -22,10 +22,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -34,7 +34,10 @@ import torch.nn.functional as F
 from napari_sam.prompts import mask_to_box, mask_to_mask_input
 from napari_sam.training import prompt_sim
 from napari_sam.training.synthetic import TrainingSample
-from napari_sam.transforms import transform_for
+from napari_sam.transforms import ResizeLongestSide, transform_for
+
+if TYPE_CHECKING:
+    from napari_sam.models.sam import Sam
 
 __all__ = ["SampleSource", "StepResult", "TrainConfig", "Trainer", "state_path"]
 
@@ -44,7 +47,9 @@ Trainable = Literal["iou_head", "decoder", "decoder+prompt", "all"]
 class SampleSource(Protocol):
     """Anything that draws training samples (synthetic generator, folder of files, volumes)."""
 
-    def draw(self, rng: np.random.Generator) -> TrainingSample: ...
+    def draw(self, rng: np.random.Generator) -> TrainingSample:
+        """One sample, drawn with ``rng`` (the trainer's generator, for reproducible runs)."""
+        ...
 
 
 @dataclass
@@ -120,6 +125,7 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict (field name -> value)."""
         return asdict(self)
 
 
@@ -154,7 +160,9 @@ def state_path(checkpoint: str | os.PathLike) -> Path:
     return checkpoint.with_name(checkpoint.name + ".train-state.pt")
 
 
-def _frame_mask(mask: np.ndarray, transform, original_size: tuple[int, int]) -> np.ndarray:
+def _frame_mask(
+    mask: np.ndarray, transform: ResizeLongestSide, original_size: tuple[int, int]
+) -> np.ndarray:
     """A mask at the image's size -> the padded S x S frame, resized as the image is."""
     side = transform.target_length
     h, w = transform.input_size(original_size)
@@ -164,6 +172,16 @@ def _frame_mask(mask: np.ndarray, transform, original_size: tuple[int, int]) -> 
     out = np.zeros((side, side), dtype=bool)
     out[:h, :w] = t[0, 0].numpy() >= 0.5
     return out
+
+
+def _stack_present(arrays: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Stack one input of a prompt group: all its prompt sets have it, or none (one mode)."""
+    present = [a for a in arrays if a is not None]
+    if not present:
+        return None
+    if len(present) != len(arrays):
+        raise ValueError("a prompt group mixes prompt sets with and without this input")
+    return np.stack(present)
 
 
 def _mask_losses(
@@ -213,7 +231,7 @@ class Trainer:
     config : TrainConfig
     """
 
-    def __init__(self, model, source: SampleSource, config: TrainConfig) -> None:
+    def __init__(self, model: Sam, source: SampleSource, config: TrainConfig) -> None:
         self.model = model
         self.source = source
         self.config = config
@@ -252,6 +270,7 @@ class Trainer:
 
     @property
     def encoder_trains(self) -> bool:
+        """Whether the image encoder is trained too (``trainable="all"``)."""
         return self.config.trainable == "all"
 
     def _set_modes(self) -> None:
@@ -309,17 +328,27 @@ class Trainer:
                 rng, target.truth, noise=0.1, max_shift=20 * s / 1024, frame=target.valid
             )
             return [], [], box
-        if target.mode == "dense+box":
-            return [], [], mask_to_box(target.neighbour)
-        if target.mode == "dense+point":
-            return [prompt_sim.interior_point(rng, target.neighbour)], [1], None
+        if target.mode in ("dense+box", "dense+point"):
+            neighbour = target.neighbour
+            if neighbour is None:
+                raise ValueError(f"prompt mode {target.mode!r} needs the neighbour slice's mask")
+            if target.mode == "dense+box":
+                return [], [], mask_to_box(neighbour)
+            return [prompt_sim.interior_point(rng, neighbour)], [1], None
         return [], [], None
 
     # -- one step -----------------------------------------------------------------------------
 
-    def _decode(self, embeddings, coords, labels, boxes, mask_input):
+    def _decode(
+        self,
+        embeddings: torch.Tensor,
+        coords: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pe = self.model.prompt_encoder
-        points = (coords, labels) if coords is not None else None
+        points = (coords, labels) if coords is not None and labels is not None else None
         sparse, dense = pe(points=points, boxes=boxes, masks=mask_input)
         # All four mask tokens: the single-mask token trains on multi-prompt sets, the three
         # ambiguity tokens on single clicks, and the IoU head on all of them.
@@ -344,16 +373,20 @@ class Trainer:
         points = [list(p) for p, _, _ in first]
         point_labels = [list(lab) for _, lab, _ in first]
         boxes = None
-        if first[0][2] is not None:
-            boxes = torch.from_numpy(np.stack([b for _, _, b in first])).to(dev)
+        boxes_np = _stack_present([b for _, _, b in first])
+        if boxes_np is not None:
+            boxes = torch.from_numpy(boxes_np).to(dev)
         initial_mask = None
-        if targets[0].mask_input is not None:
-            initial_mask = torch.from_numpy(np.stack([t.mask_input for t in targets])).to(dev)
+        masks_np = _stack_present([t.mask_input for t in targets])
+        if masks_np is not None:
+            initial_mask = torch.from_numpy(masks_np).to(dev)
         mask_input = initial_mask
         emb = embeddings[[t.image_index for t in targets]]
 
         n_steps = 1 + int(rng.integers(0, cfg.max_corrections + 1))
         mask_losses, iou_losses, ious_first = [], [], []
+        coords: torch.Tensor | None
+        labels: torch.Tensor | None
         for it in range(n_steps):
             if points[0]:
                 coords = torch.tensor(np.array(points, dtype=np.float32), device=dev)
@@ -430,7 +463,9 @@ class Trainer:
             extra={"first_prompt_iou": float(np.mean(first_ious)) if first_ious else 0.0},
         )
 
-    def _batch_loss(self, images: torch.Tensor, targets: list[_Target]):
+    def _batch_loss(
+        self, images: torch.Tensor, targets: list[_Target]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
         cfg = self.config
         with torch.set_grad_enabled(self.encoder_trains):
             embeddings = self.model.image_encoder(images)
