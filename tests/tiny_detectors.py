@@ -9,6 +9,7 @@ tokenizers over small vocabularies written here. Loading goes through the same
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 WORDS = ["liver", "kidney", "spleen", "left", "right", "tumor", "a", "cat"]
@@ -30,11 +31,44 @@ def _bert_vocab() -> list[str]:
     return vocab + WORDS + ["##s"]
 
 
+def bert_tokenizer():
+    """A WordPiece tokenizer over :data:`WORDS` with BERT's special-token ids."""
+    from transformers import BertTokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab.txt"
+        path.write_text("\n".join(_bert_vocab()) + "\n")
+        return BertTokenizerFast(str(path), do_lower_case=True)
+
+
+def clip_tokenizer():
+    """A byte-level BPE tokenizer over letters (and "liver" merged) laid out as CLIP's."""
+    from transformers import CLIPTokenizerFast
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["."]
+    vocab: dict[str, int] = {}
+    for ch in letters:
+        vocab[ch] = len(vocab)
+        vocab[f"{ch}</w>"] = len(vocab)
+    merges = ["l i", "li v", "liv e", "live r</w>"]
+    for token in ("li", "liv", "live", "liver</w>"):
+        vocab[token] = len(vocab)
+    # CLIP's start and end tokens have the two highest ids: OWLv2 pools the text at the
+    # highest id and treats a query whose first id is 0 as padding.
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizerFast(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=16
+        )
+
+
 def write_grounding_dino(folder: Path, *, seed: int = 0, num_queries: int = 40) -> Path:
     import torch
     from transformers import (
         BertConfig,
-        BertTokenizerFast,
         GroundingDinoConfig,
         GroundingDinoForObjectDetection,
         GroundingDinoImageProcessorPil,
@@ -42,9 +76,7 @@ def write_grounding_dino(folder: Path, *, seed: int = 0, num_queries: int = 40) 
     )
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _bert_vocab()
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer = bert_tokenizer()
     backbone = SwinConfig(
         image_size=64,
         patch_size=4,
@@ -55,7 +87,7 @@ def write_grounding_dino(folder: Path, *, seed: int = 0, num_queries: int = 40) 
         out_indices=[2, 3, 4],
     )
     text = BertConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(tokenizer),
         hidden_size=16,
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -90,31 +122,14 @@ def write_grounding_dino(folder: Path, *, seed: int = 0, num_queries: int = 40) 
 def write_owlv2(folder: Path, *, seed: int = 0) -> Path:
     import torch
     from transformers import (
-        CLIPTokenizerFast,
         Owlv2Config,
         Owlv2ForObjectDetection,
         Owlv2ImageProcessorPil,
     )
 
     folder.mkdir(parents=True, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["."]
-    vocab: dict[str, int] = {}
-    for ch in letters:
-        vocab[ch] = len(vocab)
-        vocab[f"{ch}</w>"] = len(vocab)
-    merges = ["l i", "li v", "liv e", "live r</w>"]
-    for token in ("li", "liv", "live", "liver</w>"):
-        vocab[token] = len(vocab)
-    # CLIP's start and end tokens have the two highest ids: OWLv2 pools the text at the
-    # highest id and treats a query whose first id is 0 as padding.
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizerFast(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
-    )
-    n = len(vocab)
+    tokenizer = clip_tokenizer()
+    n = len(tokenizer)
     config = Owlv2Config(
         text_config=dict(
             vocab_size=n,
