@@ -22,6 +22,7 @@ from napari_sam.weights import (
     DownloadCancelled,
     UnsafeCheckpointError,
     WeightsUnavailableError,
+    fetch,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_disk_full_is_a_local_error_and_leaves_nothing(payload, monkeypatch):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(weights, "open", lambda *a, **k: FullDisk(), raising=False)
+    monkeypatch.setattr(fetch, "open", lambda *a, **k: FullDisk(), raising=False)
     with serve({"tiny_test.pth": payload}) as base:
         with pytest.raises(OSError, match=r"No space left on device.*NAPARI_SAM_CACHE") as info:
             weights.download(file_spec(payload, base), progress=False)
@@ -283,7 +284,7 @@ def test_no_url_error_says_where_to_get_it(monkeypatch):
 
 def test_unpinned_checksum_is_reported(payload, caplog):
     with serve({"tiny_test.pth": payload}) as base:
-        with caplog.at_level(logging.WARNING, logger="napari_sam.weights"):
+        with caplog.at_level(logging.WARNING, logger="napari_sam.weights.fetch"):
             weights.download(file_spec(payload, base, sha256=None), progress=False)
     assert hashlib.sha256(payload).hexdigest() in caplog.text
 
