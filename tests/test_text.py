@@ -238,9 +238,14 @@ def test_owlv2_detect(owl, image):
     assert np.all(np.diff(got.scores) <= 0)
 
 
-def test_detect_rejects_non_rgb(dino):
+def test_detect_rejects_bad_input(dino, owl, image):
     with pytest.raises(ValueError, match="HxWx3 uint8 RGB"):
         dino.detect(np.zeros((8, 8), np.float32), "liver.")
+    limit = dino.model.config.max_text_len
+    with pytest.raises(ValueError, match=f"detector reads at most {limit}"):
+        dino.detect(image, " ".join(["liver"] * limit))
+    with pytest.raises(ValueError, match="OWLv2 reads at most 16 per phrase"):
+        owl.detect(image, "abcdefghijklmnopqrstuvwxyz")
 
 
 # -- SAM on the boxes --------------------------------------------------------------------------

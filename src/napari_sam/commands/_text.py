@@ -133,7 +133,7 @@ def _box_text(box: np.ndarray) -> str:
 
 
 def is_image_input(path: Path) -> bool:
-    """Not a 3-D NIfTI volume: a 2-D image for ``--text``."""
+    """Not a NIfTI volume: a 2-D image for ``--text`` (a one-slice NIfTI stays a volume)."""
     from napari_sam.io.nifti import is_nifti_path
 
     if not is_nifti_path(path):
@@ -141,10 +141,9 @@ def is_image_input(path: Path) -> bool:
     import nibabel as nib
 
     try:
-        shape = nib.load(path).shape
-    except Exception:  # a broken file: the volume path reports it
+        return len(nib.load(path).shape) == 2
+    except Exception:  # a missing or broken file: the volume path reports it
         return False
-    return len([s for s in shape if s > 1]) <= 2 and len(shape) <= 3
 
 
 def run_image(args: argparse.Namespace, phrases: list[str]) -> int:

@@ -437,9 +437,13 @@ class Owlv2Detector(TransformersDetector):
     def _candidates(self, image: np.ndarray, phrases: list[str]) -> Candidates:
         queries = [p.rstrip(".") for p in phrases]
         length = self.model.config.text_config.max_position_embeddings
+        for query, ids in zip(queries, self.tokenizer(queries)["input_ids"]):
+            if len(ids) > length:
+                raise ValueError(
+                    f"the phrase {query!r} is {len(ids)} tokens long; OWLv2 reads at most "
+                    f"{length} per phrase: shorten it"
+                )
         enc = self.tokenizer(queries, padding="max_length", max_length=length, return_tensors="pt")
-        if enc["input_ids"].shape[1] > length:
-            raise ValueError(f"a phrase is longer than the {length} tokens OWLv2 reads: shorten it")
         pixels = self.image_processor(images=image, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in {**enc, **pixels}.items()}
         out = self.model(**inputs)

@@ -59,11 +59,11 @@ def segment_boxes(predictor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     iou_predictions : ndarray of float32, shape (N,)
     low_res_logits : ndarray of float32, shape (N, L, L)
     """
-    predictor._require_image()
+    embedding = predictor.get_image_embedding()  # raises without an image
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     h, w = predictor.original_size
     if len(boxes) == 0:
-        side = predictor._low_res_size
+        side = 4 * embedding.shape[-1]  # the decoder upscales the embedding 4x
         return (
             np.zeros((0, h, w), dtype=bool),
             np.zeros(0, dtype=np.float32),
