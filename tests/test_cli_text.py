@@ -142,9 +142,14 @@ def test_text_errors(scan, detector_folder, tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
-def test_text_on_an_image_needs_an_image_output(detector_folder, tmp_path, capsys):
-    src = tmp_path / "photo.npy"
-    np.save(src, np.zeros((20, 30), np.float32))
+@pytest.mark.parametrize("name", ["photo.npy", "slice.nii.gz"])
+def test_text_on_an_image_needs_an_image_output(detector_folder, tmp_path, capsys, name):
+    src = tmp_path / name
+    image = np.zeros((20, 30), np.float32)
+    if name.endswith(".npy"):
+        np.save(src, image)
+    else:  # a 2-D NIfTI is an image too
+        nib.save(nib.Nifti1Image(image, np.eye(4)), src)
     argv = ["segment", str(src), "--text", "liver.", "--detector", str(detector_folder)]
     assert main([*argv, "-o", str(tmp_path / "labels.nii.gz")]) == 2
     assert "for a 2-D image write .png, .tif, .tiff, .npy" in capsys.readouterr().err

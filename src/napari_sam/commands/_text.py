@@ -141,9 +141,10 @@ def is_image_input(path: Path) -> bool:
     import nibabel as nib
 
     try:
-        return len(nib.load(path).shape) == 2
+        img = nib.load(path)
     except Exception:  # a missing or broken file: the volume path reports it
         return False
+    return isinstance(img, nib.Nifti1Image | nib.Nifti2Image) and len(img.shape) == 2
 
 
 def run_image(args: argparse.Namespace, phrases: list[str]) -> int:
