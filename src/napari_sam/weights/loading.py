@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "build_sam",
+    "check_fits",
     "load_model",
     "load_state_dict_into",
     "resolve_device",
@@ -54,6 +55,21 @@ def load_state_dict_into(
     only for a state dict nobody else holds, such as one just read from a file.
     """
     expected = model.state_dict()
+    model_spec = getattr(model, "spec", None)
+    target = f"model {model_spec.name!r}" if model_spec is not None else "this model"
+    state = _fitting(expected, state_dict, target)
+    if assign:
+        if all(t.device.type == "cpu" for t in expected.values()):
+            state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+        else:
+            assign = False  # a model already on a GPU keeps its own storage
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def _fitting(
+    expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], target: str
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` less the tolerated extras; ValueError unless it then fits ``expected``."""
     state = {
         k: v
         for k, v in state_dict.items()
@@ -67,8 +83,6 @@ def load_state_dict_into(
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or mismatched:
-        model_spec = getattr(model, "spec", None)
-        target = f"model {model_spec.name!r}" if model_spec is not None else "this model"
         parts = []
         for label, keys in (
             ("missing", missing),
@@ -81,12 +95,20 @@ def load_state_dict_into(
         raise ValueError(
             f"the weights do not fit {target}: {'; '.join(parts)}. {looks_like(state_dict)}"
         )
-    if assign:
-        if all(t.device.type == "cpu" for t in expected.values()):
-            state = {k: v.to(expected[k].dtype) for k, v in state.items()}
-        else:
-            assign = False  # a model already on a GPU keeps its own storage
-    model.load_state_dict(state, strict=True, assign=assign)
+    return state
+
+
+def check_fits(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError unless ``state_dict`` holds exactly the tensors ``spec``'s model has.
+
+    The model is built on the meta device for this, which allocates no weights: a file is
+    checked completely before a model of the size it claims is built.
+    """
+    import torch
+
+    with torch.device("meta"):
+        skeleton = build_architecture(spec)
+    _fitting(skeleton.state_dict(), state_dict, f"model {spec.name!r}")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -119,10 +141,31 @@ def spec_for_checkpoint(
 ) -> ModelSpec:
     """The spec to build for a checkpoint's tensors.
 
-    The file's embedded spec, else the one detected from the shapes; when ``wanted`` is given
-    it must have the same architecture and is used instead (MedSAM for a vit_b layout).
+    The architecture is always detected from the tensors' shapes. A spec the file embeds must
+    describe that architecture (then it is used, for its name, preprocessing and input size);
+    one that does not is refused before anything is built, so a small file cannot make the
+    loader allocate the enormous model it claims to hold. When ``wanted`` is given it must
+    have the same architecture too, and is used instead (MedSAM for a vit_b layout).
+
+    Raises
+    ------
+    ValueError
+        The tensors are no known model, or disagree with the embedded or the wanted spec.
     """
-    found = embedded if embedded is not None else detect_spec(state)
+    try:
+        detected = detect_spec(state)
+    except ValueError as exc:
+        claim = f" (it claims to hold {describe(embedded)})" if embedded is not None else ""
+        raise ValueError(f"{path} does not hold a model's weights{claim}: {exc}") from None
+    found = detected
+    if embedded is not None:
+        if not same_architecture(embedded, detected):
+            raise ValueError(
+                f"{path} claims to hold {describe(embedded)}, but its tensors are those of "
+                f"{describe(detected)}: the file is damaged or was not written by this "
+                "package; re-save the model's weights (napari_sam.weights.save_checkpoint)"
+            )
+        found = embedded
     if wanted is None:
         return found
     if not same_architecture(found, wanted):
@@ -197,6 +240,7 @@ def load_model(
     state, embedded = read_state_dict(path)
     spec = spec_for_checkpoint(state, embedded, wanted, path)
     target = resolve_device(device)
+    check_fits(spec, state)
     model = build_architecture(spec)
     load_state_dict_into(model, state, assign=True)
     del state
