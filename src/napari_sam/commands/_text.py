@@ -12,8 +12,14 @@ import argparse
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_sam.commands.segment import ObjectPrompts
+    from napari_sam.text.detectors import Detector, TransformersDetector
+    from napari_sam.volume.session import VolumeSession
 
 __all__ = [
     "IMAGE_OUTPUTS",
@@ -59,7 +65,8 @@ def add_text_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_detector_or_fail(args: argparse.Namespace):
+def load_detector_or_fail(args: argparse.Namespace) -> TransformersDetector:
+    """Load ``--detector`` with the thresholds given; user errors become CommandErrors."""
     from napari_sam.cli import CommandError
     from napari_sam.text import load_detector
     from napari_sam.weights import WeightsUnavailableError
@@ -80,7 +87,7 @@ def load_detector_or_fail(args: argparse.Namespace):
 
 
 def check_text_args(args: argparse.Namespace) -> list[str]:
-    """The phrases of ``--text``; other prompts and bad labels are errors."""
+    """Return the phrases of ``--text``; other prompts and bad labels are errors."""
     from napari_sam.cli import CommandError
     from napari_sam.text import parse_prompt
 
@@ -94,7 +101,7 @@ def check_text_args(args: argparse.Namespace) -> list[str]:
         raise CommandError(f"--text: {exc}") from None
 
 
-def _nothing_found(phrases: list[str], where: str, detector) -> Exception:
+def _nothing_found(phrases: list[str], where: str, detector: Detector) -> Exception:
     from napari_sam.cli import CommandError
 
     return CommandError(
@@ -105,8 +112,10 @@ def _nothing_found(phrases: list[str], where: str, detector) -> Exception:
     )
 
 
-def detect_objects(args: argparse.Namespace, session, detector, phrases: list[str]) -> list:
-    """The detector's boxes on ``args.slice_index`` as one-box objects (``ObjectPrompts``)."""
+def detect_objects(
+    args: argparse.Namespace, session: VolumeSession, detector: Detector, phrases: list[str]
+) -> list[ObjectPrompts]:
+    """Detect on ``args.slice_index``; return each box as a one-box object."""
     from napari_sam.cli import CommandError
     from napari_sam.commands.segment import ObjectPrompts, SlicePrompt
 

@@ -1,7 +1,7 @@
-"""Text prompts ("Grounded SAM"): an open-vocabulary detector finds boxes for phrases, SAM
-segments each box.
+"""Text prompts ("Grounded SAM"): a detector's boxes for phrases, then SAM per box.
 
-SAM's own text prompts were never released; the field pairs SAM with a detector that reads text.
+An open-vocabulary detector finds boxes for phrases and SAM segments each box. SAM's own text
+prompts were never released; the field pairs SAM with a detector that reads text.
 The detectors (Grounding DINO, OWLv2) come from the optional ``transformers`` dependency::
 
     pip install "napari-sam-volumes[text]"

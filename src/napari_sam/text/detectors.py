@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ class Detections:
     phrases: tuple[str, ...]
 
     def __len__(self) -> int:
+        """Return the number of detections."""
         return len(self.phrases)
 
 
@@ -171,7 +172,7 @@ def select_detections(
     )
 
 
-def _transformers():
+def _transformers() -> Any:
     try:
         import transformers
     except ImportError as exc:
@@ -191,7 +192,9 @@ def _check_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _xyxy_pixels(cxcywh: torch.Tensor, scale_x: float, scale_y: float, h: int, w: int):
+def _xyxy_pixels(
+    cxcywh: torch.Tensor, scale_x: float, scale_y: float, h: int, w: int
+) -> np.ndarray:
     """Normalised centre boxes -> pixel corners clipped to an ``h x w`` image."""
     c = cxcywh.double().cpu().numpy().reshape(-1, 4)
     x0 = (c[:, 0] - c[:, 2] / 2) * scale_x
@@ -258,7 +261,7 @@ class TransformersDetector:
         revision: str | None = None,
         device: str | torch.device = "auto",
         **options: Any,
-    ):
+    ) -> Self:
         """Load the model, image processor and tokenizer from a Hub repository or a folder.
 
         Parameters
@@ -301,7 +304,7 @@ class TransformersDetector:
         return cls(model, image_processor, tokenizer, **options)
 
     @staticmethod
-    def _model_class(tf):
+    def _model_class(tf: Any) -> Any:
         raise NotImplementedError
 
     @property
@@ -376,11 +379,11 @@ class GroundingDinoDetector(TransformersDetector):
     default_text_threshold = 0.25
 
     @staticmethod
-    def _model_class(tf):
+    def _model_class(tf: Any) -> Any:
         return tf.GroundingDinoForObjectDetection
 
-    def _tokens(self, phrases: Sequence[str]):
-        """The tokenised text and, per phrase, a boolean mask over its tokens."""
+    def _tokens(self, phrases: Sequence[str]) -> tuple[Any, np.ndarray]:
+        """Tokenise the text; also return, per phrase, a boolean mask over its tokens."""
         text = " ".join(phrases)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError("Grounding DINO needs a fast tokenizer (tokenizer.json) to map tokens")
@@ -431,7 +434,7 @@ class Owlv2Detector(TransformersDetector):
     default_text_threshold = 0.1
 
     @staticmethod
-    def _model_class(tf):
+    def _model_class(tf: Any) -> Any:
         return tf.Owlv2ForObjectDetection
 
     def _candidates(self, image: np.ndarray, phrases: list[str]) -> Candidates:

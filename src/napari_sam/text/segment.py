@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from napari_sam.text.detectors import Detections, Detector
 from napari_sam.text.phrases import parse_prompt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_sam.predictor import SamPredictor
 
 __all__ = ["TextSegmentation", "segment_boxes", "segment_text"]
 
@@ -40,10 +44,13 @@ class TextSegmentation:
     low_res_logits: np.ndarray
 
     def __len__(self) -> int:
+        """Return the number of objects."""
         return len(self.phrases)
 
 
-def segment_boxes(predictor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def segment_boxes(
+    predictor: SamPredictor, boxes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SAM's single-mask answer for each box, all boxes decoded in one batch.
 
     Parameters
@@ -69,7 +76,7 @@ def segment_boxes(predictor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray,
             np.zeros(0, dtype=np.float32),
             np.zeros((0, side, side), dtype=np.float32),
         )
-    frame = predictor.transform.apply_boxes(boxes, predictor.original_size)
+    frame = predictor.transform.apply_boxes(boxes, (h, w))
     frame_t = torch.as_tensor(frame, dtype=torch.float, device=predictor.device)
     masks, iou, low_res = predictor.predict_torch(None, None, frame_t, multimask_output=False)
     return (
@@ -83,7 +90,7 @@ def segment_text(
     image: np.ndarray,
     text: str | Iterable[str],
     *,
-    predictor,
+    predictor: SamPredictor,
     detector: Detector | None = None,
     box_threshold: float | None = None,
     text_threshold: float | None = None,
