@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from napari_sam.cli import main
@@ -22,6 +23,7 @@ from napari_sam.io.nifti import read_nifti
 from napari_sam.prompts import mask_to_box
 from napari_sam.training.synthetic import ellipsoid_volume, synthetic_scene
 from napari_sam.volume.embeddings import EmbeddingCache
+from napari_sam.weights import load_model
 from testmodel import TEST_MODEL_PATH, load_test_model
 from volume_helpers import dice, one_torch_thread  # noqa: F401 (autouse fixture)
 
@@ -372,6 +374,7 @@ def test_remote_encoding_gives_the_local_masks(cohort, cluster):
     assert dice(remote_labels == 1, truth == 1) >= 0.8
 
 
+@pytest.mark.slow  # an in-process cluster, a fast model, three encoders: 10-16 s when busy
 def test_lost_or_missing_scheduler_falls_back_to_local_encoding():
     distributed = pytest.importorskip("distributed")
     from napari_sam.cluster.remote import remote_encoder
@@ -390,6 +393,25 @@ def test_lost_or_missing_scheduler_falls_back_to_local_encoding():
     try:
         first = cache.get(0)[0]
         assert encode.remote and statuses == [f"remote: {cluster.scheduler_address}"]
+        # The workers' precision follows the local model: a fast fp32 model encodes remotely.
+        from napari_sam.speed import with_precision
+
+        fast = with_precision(model, "fp32")
+        fast_encode = remote_encoder(cluster.scheduler_address, SOURCE, timeout=10)
+        got = EmbeddingCache(fast, volume, encode_fn=fast_encode).get(0)[0]
+        want = EmbeddingCache(fast, volume).get(0)[0]
+        assert (fast_encode.remote_slices, fast_encode.local_slices) == (1, 0)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+        fast_encode.close()
+        # Other weights locally than on the workers: refused, encoded locally.
+        other = load_model(TEST_MODEL_PATH, device="cpu")
+        with torch.no_grad():
+            next(other.parameters()).add_(1e-3)
+        wrong = remote_encoder(cluster.scheduler_address, SOURCE, timeout=10)
+        with pytest.warns(RuntimeWarning, match="differs from the local one"):
+            EmbeddingCache(other, volume, encode_fn=wrong).get(0)
+        assert (wrong.remote_slices, wrong.local_slices) == (0, 1)
+        wrong.close()
     finally:
         cluster.close()
     with pytest.warns(RuntimeWarning, match="encoding locally"):

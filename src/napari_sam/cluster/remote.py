@@ -19,6 +19,7 @@ widget shows it); :meth:`RemoteEncoder.reconnect` tries the cluster again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -125,7 +126,8 @@ class RemoteEncoder:
         Scheduler address (``"tcp://host:8786"``) or a connected client.
     source : ModelSource
         How workers load the same model as the local one (a registry name, or a checkpoint
-        path that the workers can read).
+        path that the workers can read). Its precision is replaced by the local model's on
+        each call (exact for a plain model, the resolved precision of a fast one).
     timeout : float
         Seconds to wait for the scheduler when connecting and for one slice's embedding.
     resources : dict, optional
@@ -240,9 +242,12 @@ class RemoteEncoder:
 
     def _remote(self, model, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         client = self._connect()
+        # The workers run the local model's precision (a fast model's resolved choice: "auto"
+        # may resolve differently on a GPU worker), so their embeddings share its cache key.
+        source = dataclasses.replace(self.source, precision=getattr(model, "precision", None))
         future = client.submit(
             encode_on_worker,
-            self.source,
+            source,
             np.ascontiguousarray(image),
             pure=False,
             resources=self.resources,

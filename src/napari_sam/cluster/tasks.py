@@ -117,10 +117,12 @@ class ModelLoader:
                 self._models.move_to_end(key)
                 return found
             from napari_sam.volume.embeddings import weights_fingerprint
+            from napari_sam.weights import WeightsUnavailableError
 
             try:
                 model = source.load()
-            except FileNotFoundError as exc:
+            except (FileNotFoundError, ValueError, WeightsUnavailableError) as exc:
+                # A missing or wrong weights file: the same on the next attempt.
                 raise JobError(f"model {source.model!r}: {exc}") from None
             found = LoadedModel(model, weights_fingerprint(model))
             self.loads += 1
