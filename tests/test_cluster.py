@@ -132,6 +132,28 @@ def test_serial_cohort_segments_every_volume_and_a_rerun_skips_it(cohort, serial
     assert "0 done, 2 skipped" in capsys.readouterr().out
 
 
+def test_seeds_from_a_sparse_labels_file_are_propagated(cohort, serial_run, tmp_path):
+    from napari_sam.io.nifti import write_labels
+
+    root, truths = cohort
+    vol = root / "vols" / "case1.nii.gz"
+    truth = truths["case1"]
+    z = int(np.argmax((truth == 1).sum(axis=(1, 2))))
+    sparse = np.zeros_like(truth)
+    sparse[z] = truth[z]  # one drawn slice
+    (tmp_path / "seeds").mkdir()
+    write_labels(tmp_path / "seeds" / "case1.nii.gz", sparse, read_nifti(vol).metadata)
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"image,seeds\n{vol},seeds/case1.nii.gz\n")
+    argv = ["batch", "segment", str(listing), "-o", str(tmp_path / "out"), "--model", MODEL]
+    argv += ["--device", "cpu", "--precision", "exact", "--quiet"]
+    assert main([*argv, "--cache-dir", str(serial_run / "cache")]) == 0
+    labels = read_nifti(tmp_path / "out" / "case1.nii.gz").data
+    np.testing.assert_array_equal(labels[z], sparse[z])  # the seed stays as drawn
+    assert [i for i in range(len(labels)) if labels[i].any()] != [z]  # it was propagated
+    assert dice(labels == 1, truth == 1) >= 0.8
+
+
 def test_done_marker_follows_the_output_and_the_inputs(cohort, serial_run, tmp_path):
     root, _ = cohort
     vol = root / "vols" / "case0.nii.gz"
