@@ -75,9 +75,17 @@ class ModelLoaderPlugin(WorkerPlugin):
         self.loader = None
 
 
-def register_model_loader(client, **plugin_options: Any) -> None:
+def register_model_loader(client, *, replace: bool = False, **plugin_options: Any) -> None:
     """Install :class:`ModelLoaderPlugin` on every worker of ``client``'s cluster (and on
-    workers that join later)."""
+    workers that join later).
+
+    A plugin already installed with the default options is kept, with the models its workers
+    loaded (a ViT-H takes seconds to load); options or ``replace=True`` install a new one.
+    """
+    if not replace and not plugin_options:
+        name = PLUGIN_NAME
+        if client.run_on_scheduler(lambda dask_scheduler: name in dask_scheduler.worker_plugins):
+            return
     plugin = ModelLoaderPlugin(**plugin_options)
     register = getattr(client, "register_plugin", None) or client.register_worker_plugin
     register(plugin, name=PLUGIN_NAME)

@@ -248,7 +248,10 @@ def open_client(args: argparse.Namespace):
         closers = [client]
     from napari_sam.cluster.remote import register_model_loader
 
-    register_model_loader(client, torch_threads=args.threads)
+    if args.threads:
+        register_model_loader(client, torch_threads=args.threads)
+    else:
+        register_model_loader(client)
     return client, closers
 
 
