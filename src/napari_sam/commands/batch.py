@@ -72,7 +72,9 @@ def _common(p: argparse.ArgumentParser, volumes: bool = True) -> None:
 
     what = "volumes (.nii/.nii.gz)" if volumes else "images"
     p.add_argument("input", type=Path, help=f"a folder of {what} or a CSV list")
-    p.add_argument("--model", default="vit_b", help="registered name or checkpoint file")
+    p.add_argument(
+        "--model", default="vit_b", help="registered name or checkpoint file (default: vit_b)"
+    )
     p.add_argument("--checkpoint", type=Path, help="weights file for the named model")
     p.add_argument("--device", default="auto", help="on each worker: auto, cpu, cuda, ...")
     add_precision_option(p)
