@@ -44,6 +44,7 @@ TEST_MODEL = ROOT / "tests" / "data" / "sam_test_tiny.safetensors"
 
 
 def make_cohort(folder: Path, count: int, shape: tuple[int, int, int]) -> list[Path]:
+    """Write ``count`` NIfTI volumes of two ellipsoids each into ``folder``."""
     paths = []
     for k in range(count):
         volume, _ = ellipsoid_volume(np.random.default_rng(k), shape, n_objects=2)
@@ -53,7 +54,10 @@ def make_cohort(folder: Path, count: int, shape: tuple[int, int, int]) -> list[P
     return paths
 
 
-def run(jobs, client=None, loader=None) -> tuple[float, list]:
+def run(
+    jobs: list, client: object = None, loader: tasks.ModelLoader | None = None
+) -> tuple[float, list]:
+    """Run a cohort to the end; its wall time in seconds and the results."""
     began = time.perf_counter()
     results = list(run_cohort(jobs, client=client, loader=loader, retries=0))
     elapsed = time.perf_counter() - began
@@ -67,7 +71,8 @@ def _nothing(i: int) -> int:
     return i
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Build the cohort, time the runs, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--model", default=str(TEST_MODEL), help="name or checkpoint file")
     parser.add_argument("--volumes", type=int, default=6)

@@ -12,13 +12,15 @@ Only ``batch`` and ``remote`` import ``distributed``, and only when a cluster is
 
 from __future__ import annotations
 
+from types import ModuleType
+
 INSTALL_HINT = (
     "this needs dask.distributed, an optional extra: pip install 'napari-sam-volumes[cluster]' "
     "(or pip install distributed)"
 )
 
 
-def require_distributed():
+def require_distributed() -> ModuleType:
     """Import ``distributed``, or raise ImportError saying how to install it."""
     try:
         import distributed

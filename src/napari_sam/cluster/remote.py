@@ -66,16 +66,18 @@ class ModelLoaderPlugin(WorkerPlugin):
         self.torch_threads = torch_threads
         self.loader: ModelLoader | None = None
 
-    def setup(self, worker) -> None:
+    def setup(self, worker: Any) -> None:
+        """Give the worker its model loader (called by dask when the worker starts)."""
         self.loader = ModelLoader(self.max_models)
         if self.torch_threads:
             torch.set_num_threads(int(self.torch_threads))
 
-    def teardown(self, worker) -> None:
+    def teardown(self, worker: Any) -> None:
+        """Drop the worker's models (called by dask when the worker closes)."""
         self.loader = None
 
 
-def register_model_loader(client, *, replace: bool = False, **plugin_options: Any) -> None:
+def register_model_loader(client: Any, *, replace: bool = False, **plugin_options: Any) -> None:
     """Install :class:`ModelLoaderPlugin` on every worker of ``client``'s cluster (and on
     workers that join later).
 
@@ -179,7 +181,17 @@ class RemoteEncoder:
 
     # -- encode_fn ------------------------------------------------------------------------------
 
-    def __call__(self, model, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    def __call__(
+        self, model: torch.nn.Module, image: np.ndarray
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Encode one ``H x W x 3`` uint8 slice image for ``model``.
+
+        Returns
+        -------
+        embedding : Tensor, shape (1, 256, E, E), float32, on the model's device
+        input_size : (int, int)
+            The resized image's size inside the encoder frame.
+        """
         if self._fallback is None:
             try:
                 result = self._remote(model, image)
@@ -214,7 +226,7 @@ class RemoteEncoder:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _connect(self):
+    def _connect(self) -> Any:
         with self._lock:
             if self._client is None:
                 from distributed import Client
@@ -235,7 +247,7 @@ class RemoteEncoder:
             except Exception as exc:  # a lost scheduler may fail to say goodbye
                 log.debug("closing the dask client failed: %s", exc)
 
-    def _expected(self, model) -> tuple[str, str]:
+    def _expected(self, model: torch.nn.Module) -> tuple[str, str]:
         key = self._local_key
         if key is None or key[0] != id(model):
             from napari_sam.volume.embeddings import weights_fingerprint
@@ -248,7 +260,9 @@ class RemoteEncoder:
             self._local_key = key
         return key[1], key[2]
 
-    def _remote(self, model, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _remote(
+        self, model: torch.nn.Module, image: np.ndarray
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         client = self._connect()
         # The workers run the local model's precision (a fast model's resolved choice: "auto"
         # may resolve differently on a GPU worker), so their embeddings share its cache key.
@@ -276,7 +290,7 @@ class RemoteEncoder:
         device = next(model.parameters()).device
         return torch.from_numpy(array).to(device), input_size
 
-    def _wait(self, client, future):
+    def _wait(self, client: Any, future: Any) -> Any:
         """The future's result; a lost scheduler is noticed within a quarter second, not at
         the end of the timeout (the client then says it is reconnecting)."""
         deadline = time.monotonic() + self.timeout

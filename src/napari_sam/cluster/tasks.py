@@ -81,7 +81,8 @@ class ModelSource:
             stats.append((str(path.resolve()), st.st_size, st.st_mtime_ns))
         return (self.model, self.checkpoint, self.device, self.precision, tuple(stats))
 
-    def load(self):
+    def load(self) -> Any:
+        """Load the model (a ``Sam``, or its fast twin for a precision other than exact)."""
         from napari_sam.speed import with_precision
         from napari_sam.weights import load_model
 
@@ -110,6 +111,13 @@ class ModelLoader:
         self._lock = threading.Lock()
 
     def get(self, source: ModelSource) -> LoadedModel:
+        """The model of ``source`` with its weights' SHA-256, loaded on first request.
+
+        Raises
+        ------
+        JobError
+            When the weights are missing or not a model (no retry can help).
+        """
         key = source.identity()
         with self._lock:
             found = self._models.get(key)
@@ -145,6 +153,7 @@ class EmbedJob:
 
     @property
     def name(self) -> str:
+        """The volume's file name, with the slice range of a chunk."""
         where = f"[{self.slices[0]}:{self.slices[1]}]" if self.slices else ""
         return f"{Path(self.volume).name}{where}"
 
@@ -168,6 +177,7 @@ class SegmentJob:
 
     @property
     def name(self) -> str:
+        """The volume's file name."""
         return Path(self.volume).name
 
 
@@ -186,10 +196,12 @@ class AmgJob:
 
     @property
     def name(self) -> str:
+        """The image's file name."""
         return Path(self.image).name
 
     @property
     def output(self) -> str:
+        """The JSON file (or PNG folder) this job writes."""
         from napari_sam.commands.amg import _stem
 
         stem = _stem(Path(self.image))
@@ -216,7 +228,7 @@ class TaskResult:
 # -- hashing and markers ----------------------------------------------------------------------
 
 
-def _file_sha256(path: Path, digest=None):
+def _file_sha256(path: Path, digest: Any = None) -> Any:
     digest = digest or hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -327,7 +339,7 @@ def display_shape(path: str | os.PathLike) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _read_volume(path: str):
+def _read_volume(path: str) -> Any:
     from napari_sam.io.nifti import NiftiError, read_nifti
 
     if not Path(path).is_file():
@@ -341,7 +353,7 @@ def _read_volume(path: str):
     return volume
 
 
-def _session(job: EmbedJob | SegmentJob, loaded: LoadedModel, **kwargs):
+def _session(job: EmbedJob | SegmentJob, loaded: LoadedModel, **kwargs: Any) -> Any:
     from napari_sam.volume.session import VolumeSession
 
     try:
@@ -433,7 +445,7 @@ def run_segment(job: SegmentJob, loader: ModelLoader) -> TaskResult:
     return TaskResult(job.name, "done", detail, outputs=[str(path)])
 
 
-def _prompts(path: str):
+def _prompts(path: str) -> list:
     from napari_sam.cli import CommandError
     from napari_sam.commands.segment import load_prompts, parse_prompts
 

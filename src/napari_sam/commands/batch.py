@@ -32,7 +32,8 @@ from typing import Any
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: Any) -> None:
+    """Register ``batch`` and its modes ``embed``, ``segment``, ``amg``."""
     p = subparsers.add_parser(
         "batch",
         help="embed, segment or run automatic masks over a cohort, optionally on dask",
@@ -218,7 +219,7 @@ def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path:
     return folder / f"{stem}{suffixes[0]}"
 
 
-def open_client(args: argparse.Namespace):
+def open_client(args: argparse.Namespace) -> tuple[Any, list]:
     """A dask client for ``--scheduler`` (None without it) and what to close afterwards."""
     from napari_sam.cli import CommandError
 
@@ -258,6 +259,7 @@ def open_client(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the cohort; prints the summary table; 1 if any job failed, else 0."""
     from napari_sam.cluster.batch import run_cohort, summary_table
     from napari_sam.cluster.tasks import ModelLoader
 
