@@ -44,12 +44,18 @@ def build_sam(
     Returns
     -------
     Sam
-        The model, with ``model.spec`` set to the spec it was built from.
+        The model, with ``model.spec`` set to the spec it was built from; a
+        :class:`~napari_sam.models.sam2.sam2.Sam2` for SAM 2 specs (``spec.family == "sam2"``).
     """
     if isinstance(spec, str):
         spec = get_spec(spec)
     elif not isinstance(spec, ModelSpec):
         raise TypeError(f"spec must be a ModelSpec or a registry name, got {type(spec).__name__}")
+    if spec.family == "sam2":
+        # Imported here so SAM 1 never loads the SAM 2 modules.
+        from napari_sam.models.sam2.build import build_sam2
+
+        return build_sam2(spec, checkpoint, strict=strict)  # type: ignore[return-value]
 
     size = spec.image_size
     grid = size // PATCH_SIZE
@@ -126,5 +132,17 @@ def _load_checkpoint(model: Sam, checkpoint: str | os.PathLike, *, strict: bool)
 
 sam_model_registry: dict[str, Callable[..., Sam]] = {
     name: functools.partial(build_sam, name)
-    for name in ("default", "vit_h", "vit_l", "vit_b", "vit_t", "medsam_vit_b")
+    for name in (
+        "default",
+        "vit_h",
+        "vit_l",
+        "vit_b",
+        "vit_t",
+        "medsam_vit_b",
+        "sam2.1_hiera_tiny",
+        "sam2.1_hiera_small",
+        "sam2.1_hiera_base_plus",
+        "sam2.1_hiera_large",
+        "medsam2",
+    )
 }

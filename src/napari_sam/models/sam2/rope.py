@@ -1,0 +1,128 @@
+"""Attention with 2-D axial rotary position encoding (RoPE), as in SAM 2's memory attention.
+
+Query and key channels are taken in adjacent pairs and each pair is rotated by an angle
+proportional to the token's column (first half of the pairs) or row (second half), over a
+geometric ladder of frequencies. Rotations make the dot product depend on relative position.
+Memory keys cover several frames of the same grid: the rotation repeats for each frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from napari_sam.models.transformer import Attention
+
+__all__ = ["RoPEAttention", "axial_rope_angles", "rotate_pairs"]
+
+
+def axial_rope_angles(head_dim: int, side_x: int, side_y: int, theta: float = 10000.0):
+    """Rotation angles of a ``side_y x side_x`` grid (row-major tokens).
+
+    Returns
+    -------
+    Tensor
+        ``(side_x side_y) x head_dim / 2``: per token, ``head_dim / 4`` column angles then
+        ``head_dim / 4`` row angles.
+    """
+    if head_dim % 4:
+        raise ValueError(f"RoPE needs a head width divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 4)[:quarter].float() / head_dim)
+    t = torch.arange(side_x * side_y, dtype=torch.float32)
+    t_x = t % side_x
+    t_y = torch.div(t, side_x, rounding_mode="floor")
+    return torch.cat([torch.outer(t_x, freqs), torch.outer(t_y, freqs)], dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of ``x`` (``... x N x D``) by angles given as ``cos`` /
+    ``sin`` of shape ``N x D/2`` (computed in float32, returned in ``x``'s dtype)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class RoPEAttention(Attention):
+    """:class:`~napari_sam.models.transformer.Attention` with axial RoPE on queries and keys.
+
+    The query grid must be square (SAM 2's feature maps are). Keys are either the same grid
+    (self-attention) or, with ``rope_k_repeat``, several frames of it followed by
+    ``num_k_exclude_rope`` tokens that are not rotated (object pointers).
+
+    Parameters
+    ----------
+    embedding_dim, num_heads, downsample_rate, kv_in_dim :
+        As for :class:`~napari_sam.models.transformer.Attention`.
+    dropout : float
+        Attention dropout while training.
+    rope_theta : float
+        Base of the frequency ladder.
+    rope_k_repeat : bool
+        Keys hold whole frames of the query grid, rotated alike frame by frame.
+    feat_sizes : (int, int)
+        Grid the angles are first computed for (others are computed on demand).
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        downsample_rate: int = 1,
+        dropout: float = 0.0,
+        kv_in_dim: int | None = None,
+        rope_theta: float = 10000.0,
+        rope_k_repeat: bool = False,
+        feat_sizes: tuple[int, int] = (64, 64),
+    ) -> None:
+        super().__init__(embedding_dim, num_heads, downsample_rate, kv_in_dim=kv_in_dim)
+        self.dropout_p = dropout
+        self.rope_theta = rope_theta
+        self.rope_k_repeat = rope_k_repeat
+        self._head_dim = self.internal_dim // num_heads
+        # Cache of (cos, sin) per (token count, device); not a buffer, never in the state dict.
+        self._angles: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rotation(feat_sizes[0] * feat_sizes[1], torch.device("cpu"), feat_sizes)
+
+    def _rotation(
+        self, n: int, device: torch.device, sizes: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n, device)
+        if key not in self._angles:
+            if sizes is None:
+                side = math.isqrt(n)
+                if side * side != n:
+                    raise ValueError(f"RoPE attention needs a square token grid, got {n} tokens")
+                sizes = (side, side)
+            angles = axial_rope_angles(self._head_dim, sizes[0], sizes[1], self.rope_theta)
+            self._angles[key] = (angles.cos().to(device), angles.sin().to(device))
+        return self._angles[key]
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0
+    ) -> torch.Tensor:
+        """Attend ``q`` (``B x N x C``, a square grid) over ``k`` / ``v`` (``B x M x C_kv``);
+        the last ``num_k_exclude_rope`` keys are not rotated."""
+        q = self._split_heads(self.q_proj(q))
+        k = self._split_heads(self.k_proj(k))
+        v = self._split_heads(self.v_proj(v))
+        n = q.shape[-2]
+        cos, sin = self._rotation(n, q.device)
+        q = rotate_pairs(q, cos, sin)
+        num_rope = k.shape[-2] - num_k_exclude_rope
+        if num_rope > 0:
+            if num_rope != n and not (self.rope_k_repeat and num_rope % n == 0):
+                raise ValueError(
+                    f"{num_rope} rotated keys for {n} queries: keys must be whole frames of "
+                    "the query grid (rope_k_repeat) or the grid itself"
+                )
+            reps = num_rope // n
+            rotated = rotate_pairs(k[:, :, :num_rope], cos.repeat(reps, 1), sin.repeat(reps, 1))
+            k = torch.cat([rotated, k[:, :, num_rope:]], dim=2) if num_k_exclude_rope else rotated
+        dropout = self.dropout_p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        b, _, tokens, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, tokens, self.internal_dim))
