@@ -64,7 +64,8 @@ class RoPEAttention(Attention):
     rope_k_repeat : bool
         Keys hold whole frames of the query grid, rotated alike frame by frame.
     feat_sizes : (int, int)
-        Grid the angles are first computed for (others are computed on demand).
+        Expected ``(width, height)`` of the query grid; a grid of another token count is
+        taken as square.
     """
 
     def __init__(
@@ -83,21 +84,21 @@ class RoPEAttention(Attention):
         self.rope_theta = rope_theta
         self.rope_k_repeat = rope_k_repeat
         self._head_dim = self.internal_dim // num_heads
-        # Cache of (cos, sin) per (token count, device); not a buffer, never in the state dict.
+        self.feat_sizes = tuple(feat_sizes)
+        # (cos, sin) per (token count, device), computed on first use; not a buffer, so never
+        # in the state dict.
         self._angles: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rotation(feat_sizes[0] * feat_sizes[1], torch.device("cpu"), feat_sizes)
 
-    def _rotation(
-        self, n: int, device: torch.device, sizes: tuple[int, int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotation(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (n, device)
         if key not in self._angles:
-            if sizes is None:
-                side = math.isqrt(n)
-                if side * side != n:
+            if n == self.feat_sizes[0] * self.feat_sizes[1]:
+                side_x, side_y = self.feat_sizes
+            else:
+                side_x = side_y = math.isqrt(n)
+                if side_x * side_y != n:
                     raise ValueError(f"RoPE attention needs a square token grid, got {n} tokens")
-                sizes = (side, side)
-            angles = axial_rope_angles(self._head_dim, sizes[0], sizes[1], self.rope_theta)
+            angles = axial_rope_angles(self._head_dim, side_x, side_y, self.rope_theta)
             self._angles[key] = (angles.cos().to(device), angles.sin().to(device))
         return self._angles[key]
 
