@@ -316,3 +316,29 @@ def test_medsam2_size_features_and_tracking_match():
     for f in range(3):
         assert _max_diff(ta[f]["pred_masks"], tb[f]["pred_masks"]) <= LOGIT_TOL
         assert _max_diff(ta[f]["obj_ptr"], tb[f]["obj_ptr"]) <= PTR_TOL
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_full_size_tiny_features_and_click_match():
+    """sam2.1_hiera_tiny as released (1024 x 1024): features and a click's masks agree."""
+    torch.set_num_threads(1)
+    ref, ours = _pair(1024, seed=13)
+    image = torch.nn.functional.interpolate(
+        torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4)),
+        size=(1024, 1024),
+        mode="bilinear",
+    )
+    a, b = ref.forward_image(image), ours.forward_image(image)
+    for key in ("backbone_fpn", "vision_pos_enc"):
+        for fa, fb in zip(a[key], b[key], strict=True):
+            assert _max_diff(fa, fb) <= FEATURE_RTOL * max(1.0, fa.abs().max().item())
+    feats = {0: ref._prepare_backbone_features(a)[1:]}
+    ta = _track(ref, feats, [0], _click(400.0, 600.0), None, 1)
+    tb = _track(ours, feats, [0], _click(400.0, 600.0), None, 1)
+    assert tb[0]["pred_masks_high_res"].shape == (1, 1, 1024, 1024)
+    assert _max_diff(ta[0]["pred_masks"], tb[0]["pred_masks"]) <= LOGIT_TOL
+    assert _agreement(ta[0]["pred_masks_high_res"], tb[0]["pred_masks_high_res"]) >= (
+        MIN_PIXEL_AGREEMENT
+    )
+    assert _max_diff(ta[0]["obj_ptr"], tb[0]["obj_ptr"]) <= PTR_TOL
