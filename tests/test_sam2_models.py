@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_sam.models.build import build_sam, sam_model_registry
+from napari_sam.models.build import build_sam
 from napari_sam.models.sam2.build import build_sam2, build_sam2_modules
 from napari_sam.models.sam2.detect import detect_sam2_spec, trunk_layout
 from napari_sam.models.sam2.hiera import Hiera
 from napari_sam.models.sam2.rope import RoPEAttention
 from napari_sam.models.sam2.sam2 import Sam2
 from napari_sam.registry import MODELS, ModelSpec, get_spec
+from napari_sam.weights import sam_model_registry
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +160,29 @@ def test_bad_inputs_say_what_to_do():
         )
     with pytest.raises(ValueError, match="one window per stage"):
         Hiera(stages=(1, 2), window_spec=(8, 4, 14))
+
+
+def test_official_checkpoint_files_load_strictly(tmp_path):
+    """A file laid out like Meta's sam2.1_hiera_tiny.pt ({"model": state_dict}) is recognised
+    from its keys and loads into our model key for key."""
+    from napari_sam.weights import detect_spec, load_model
+
+    torch.manual_seed(0)
+    source = build_sam2("sam2.1_hiera_tiny")
+    state = {k: v.half() for k, v in source.state_dict().items()}  # half: a smaller file
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": state}, path)
+    assert detect_spec(state) is MODELS["sam2.1_hiera_tiny"]
+
+    model = load_model(path, device="cpu")
+    assert isinstance(model, Sam2) and model.spec is MODELS["sam2.1_hiera_tiny"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key].float()), key
+    # The same weights as MedSAM2 (same layout, 512 input) by name.
+    medsam2 = load_model("medsam2", checkpoint=path, device="cpu")
+    assert medsam2.spec is MODELS["medsam2"] and medsam2.image_size == 512
+    via_registry = sam_model_registry["sam2.1_hiera_tiny"](checkpoint=path)
+    assert torch.equal(via_registry.no_obj_ptr, state["no_obj_ptr"].float())
+    # A SAM 1 name for a SAM 2 file says what the file is.
+    with pytest.raises(ValueError, match=r"sam2\.1_hiera_tiny"):
+        load_model(path, model_type="vit_b", device="cpu")

@@ -7,7 +7,6 @@ spec (1024 officially, 512 for MedSAM2, any multiple of 32 for tests).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -142,26 +141,21 @@ def build_sam2_modules(
     )
 
 
-def build_sam2(
-    spec: ModelSpec | str,
-    checkpoint: str | os.PathLike | None = None,
-    *,
-    strict: bool = True,
-    **kwargs: Any,
-) -> Sam2:
-    """Build the SAM 2 model of ``spec`` in eval mode, float32, on the CPU.
+def build_sam2(spec: ModelSpec | str, **kwargs: Any) -> Sam2:
+    """Build the SAM 2 model of ``spec``, randomly initialised, eval mode, float32.
+
+    On the CPU, or on the current default device (``with torch.device("meta"):`` builds it
+    without allocating weights). Weights files are :mod:`napari_sam.weights`' concern:
+    ``load_model("sam2.1_hiera_tiny")``, ``build_sam(spec, checkpoint)`` or
+    ``sam_model_registry[name](checkpoint=path)`` there.
 
     Parameters
     ----------
     spec : ModelSpec or str
         A spec with ``family == "sam2"``, or a registry name (``"sam2.1_hiera_tiny"``, ...).
-    checkpoint : path-like or None
-        Official ``.pt`` (``{"model": state_dict}``) or any file the weights module reads;
-        None keeps the random initialisation.
-    strict : bool
-        Require the checkpoint's keys to match exactly.
     **kwargs
-        Passed to :func:`build_sam2_modules` (settings overrides).
+        Passed to :func:`build_sam2_modules` (settings overrides, e.g.
+        ``binarize_mask_from_pts_for_mem_enc=True`` as SAM 2's video predictor uses).
 
     Returns
     -------
@@ -180,9 +174,4 @@ def build_sam2(
         raise ValueError(
             f"model spec {spec.name!r} has settings SAM 2 does not accept: {err}"
         ) from None
-    model.eval()
-    if checkpoint is not None:
-        from napari_sam.models.build import _load_checkpoint
-
-        _load_checkpoint(model, checkpoint, strict=strict)
-    return model.to(dtype=torch.float32)
+    return model.eval().to(dtype=torch.float32)
