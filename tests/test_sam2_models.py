@@ -86,17 +86,41 @@ def test_detector_refuses_what_it_cannot_build():
     sam2_0 = {k: v for k, v in state.items() if k != "no_obj_embed_spatial"}
     with pytest.raises(ValueError, match=r"SAM 2\.0"):
         detect_sam2_spec(sam2_0)
-    custom = build_sam2_modules(
-        ModelSpec(
-            name="x",
-            family="sam2",
-            encoder="hiera",
-            image_size=128,
-            encoder_kwargs={**get_spec("sam2.1_hiera_tiny").encoder_kwargs, "stages": (1, 1, 2, 1)},
-        )
-    ).state_dict()
-    with pytest.raises(ValueError, match=r"stages \(1, 1, 2, 1\).*ModelSpec"):
-        detect_sam2_spec(custom)
+    custom = build_sam2_modules(_custom_spec()).state_dict()
+    detected = detect_sam2_spec(custom)
+    assert detected.name == "custom_hiera_e96_s1-1-2-1" and detected.family == "sam2"
+    with pytest.raises(ValueError, match="lacks num_heads, global_att_blocks, window_spec"):
+        build_sam2(detected)
+
+
+def _custom_spec() -> ModelSpec:
+    tiny = get_spec("sam2.1_hiera_tiny").encoder_kwargs
+    return ModelSpec(
+        name="small_hiera",
+        family="sam2",
+        encoder="hiera",
+        image_size=128,
+        preprocessing="sam2",
+        encoder_kwargs={**tiny, "stages": (1, 1, 2, 1), "num_heads": 2, "global_att_blocks": (3,)},
+    )
+
+
+def test_unregistered_trunks_load_with_their_embedded_spec(tmp_path):
+    """A model trained here with its own Hiera (a test fixture, say) round-trips through
+    save_checkpoint / load_model; without the embedded spec the file is refused clearly."""
+    from napari_sam.weights import load_model, save_checkpoint
+
+    spec = _custom_spec()
+    torch.manual_seed(0)
+    model = build_sam2(spec)
+    path = save_checkpoint(model, tmp_path / "small.pth")
+    loaded = load_model(path, device="cpu")
+    assert loaded.spec == spec and loaded.image_encoder.trunk.blocks[3].window_size == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": model.state_dict()}, bare)
+    with pytest.raises(ValueError, match="attention layout is not stored"):
+        load_model(bare, device="cpu")
 
 
 def test_registry_and_build_sam_dispatch_to_sam2():

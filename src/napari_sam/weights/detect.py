@@ -79,8 +79,8 @@ def detect_spec(state_dict: StateDict) -> ModelSpec:
     ModelSpec
         The registry's spec when the shapes equal a registered model's (``vit_b`` for both SAM
         ViT-B and MedSAM, which share a layout; ``sam2.1_hiera_tiny`` for SAM 2.1 tiny and
-        MedSAM2), else a custom spec named ``custom_vit_...`` / ``custom_tiny_vit_...`` with
-        ``url=None`` (SAM 2 trunks must be registered ones).
+        MedSAM2), else a custom spec named ``custom_vit_...`` / ``custom_tiny_vit_...`` /
+        ``custom_hiera_...`` with ``url=None``.
 
     Raises
     ------
@@ -210,7 +210,8 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
     Preprocessing, URLs and names are ignored (MedSAM and vit_b are the same architecture).
     For a ViT whose blocks are all global the window size is not part of the layout; for
     TinyViT the input size and the first (convolutional) stage's unused head count and window
-    are not; for SAM 2 (Hiera) the input size is not (MedSAM2 and sam2.1_hiera_tiny).
+    are not; for SAM 2 (Hiera) the input size, heads and global blocks are not (MedSAM2 and
+    sam2.1_hiera_tiny share a layout).
     """
     if a.encoder != b.encoder:
         return False
@@ -222,8 +223,9 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
                 kwargs["window_size"] = window
         return ka == kb and a.image_size == b.image_size
     if a.encoder == "hiera":
-        # Nothing in SAM 2 is sized by the input: MedSAM2 (512) is hiera_tiny's layout.
-        return a.family == b.family and ka == kb
+        from napari_sam.models.sam2.detect import same_layout
+
+        return same_layout(a, b)
     for key in ("num_heads", "window_sizes"):
         if key in ka and key in kb:
             ka[key], kb[key] = ka[key][1:], kb[key][1:]

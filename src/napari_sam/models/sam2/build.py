@@ -14,6 +14,7 @@ from torch import nn
 
 from napari_sam.models.mask_decoder import MLP
 from napari_sam.models.prompt_encoder import PromptEncoder
+from napari_sam.models.sam2.detect import ATTENTION_KEYS
 from napari_sam.models.sam2.hiera import Hiera
 from napari_sam.models.sam2.image_encoder import FpnNeck, ImageEncoder
 from napari_sam.models.sam2.mask_decoder import Sam2MaskDecoder
@@ -59,6 +60,14 @@ def build_sam2_modules(
         raise ValueError(f"SAM 2 needs an image size that is a multiple of 32, got {size}")
     grid = size // BACKBONE_STRIDE
     hiera_kwargs = dict(spec.encoder_kwargs)
+    unknown = [k for k in ATTENTION_KEYS if k not in hiera_kwargs]
+    if unknown:
+        raise ValueError(
+            f"model spec {spec.name!r} lacks {', '.join(unknown)}: a SAM 2 checkpoint's "
+            "attention layout is not stored in its weights. Load the file with the spec it was "
+            "trained with (model_type=...), or save it with napari_sam.weights.save_checkpoint "
+            "(which embeds the spec)"
+        )
     trunk = Hiera(**hiera_kwargs)
     neck = FpnNeck(
         position_encoding=PositionEmbeddingSine(D_MODEL),

@@ -4,9 +4,10 @@ What the tensors show: the trunk's first width (``patch_embed``), the blocks per
 stage's first block has a ``proj`` to the wider width), the position-embedding grids and the
 first attention window (``pos_embed`` / ``pos_embed_window``). What they cannot show: the
 number of heads, which blocks attend globally and the later windows (none of these has
-weights), nor the input size (nothing in SAM 2 is sized by it). Those come from the
-registered model with the same trunk; a trunk no registered model has is refused with a
-message saying to pass a spec.
+weights), nor the input size (nothing in SAM 2 is sized by it). For a registered trunk those
+come from the registered spec. For another trunk the detected spec holds the visible layout
+only: it matches (:func:`same_layout`) a complete spec embedded in the file by
+``save_checkpoint``, and building it without one fails with a message saying what to pass.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import Any
 
 from napari_sam.registry import MODELS, ModelSpec
 
-__all__ = ["detect_sam2_spec", "trunk_layout"]
+__all__ = ["ATTENTION_KEYS", "detect_sam2_spec", "same_layout", "trunk_layout"]
 
 _TRUNK = "image_encoder.trunk."
 # Present in SAM 2.1 only (SAM 2.0 had neither the no-object spatial embedding nor the
 # projected temporal encoding of object pointers).
 _SAM2_1_KEYS = ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight")
+ATTENTION_KEYS = ("num_heads", "global_att_blocks", "window_spec")
+"""Hiera settings that no tensor records: a spec without them cannot be built."""
 
 
 def trunk_layout(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -64,7 +67,7 @@ def trunk_layout(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def detect_sam2_spec(state_dict: Mapping[str, Any]) -> ModelSpec | None:
-    """The registered SAM 2.1 spec whose layout a state dict has, or None if it is no SAM 2.
+    """The SAM 2.1 spec a state dict's layout gives, or None if it is no SAM 2.
 
     Parameters
     ----------
@@ -74,14 +77,16 @@ def detect_sam2_spec(state_dict: Mapping[str, Any]) -> ModelSpec | None:
     Returns
     -------
     ModelSpec or None
-        None when the keys are not SAM 2's (no ``image_encoder.trunk.*``). For a SAM 2.1
-        trunk the first registered spec with its layout: ``sam2.1_hiera_tiny`` also for a
-        MedSAM2 file (same weights layout; pick ``"medsam2"`` by name for its 512 input).
+        None when the keys are not SAM 2's (no ``image_encoder.trunk.*``). The first
+        registered spec with the trunk's layout: ``sam2.1_hiera_tiny`` also for a MedSAM2 file
+        (same layout; pick ``"medsam2"`` by name for its 512 input). For an unregistered trunk
+        a ``custom_hiera_...`` spec with the visible layout only (no heads / global blocks /
+        windows): it cannot be built, but it matches the complete spec a file embeds.
 
     Raises
     ------
     ValueError
-        A SAM 2.0 checkpoint, or a trunk no registered model has.
+        A SAM 2.0 checkpoint, or an inconsistent trunk.
     """
     if _TRUNK + "patch_embed.proj.weight" not in state_dict:
         return None
@@ -92,26 +97,44 @@ def detect_sam2_spec(state_dict: Mapping[str, Any]) -> ModelSpec | None:
             "files (sam2.1_hiera_*.pt, MedSAM2) are supported"
         )
     layout = trunk_layout(state_dict)
+    kwargs = {
+        "embed_dim": layout["embed_dim"],
+        "stages": layout["stages"],
+        "window_pos_embed_bkg_spatial_size": layout["window_pos_embed_bkg_spatial_size"],
+    }
+    detected = ModelSpec(
+        name=f"custom_hiera_e{layout['embed_dim']}_s{'-'.join(map(str, layout['stages']))}",
+        family="sam2",
+        encoder="hiera",
+        encoder_kwargs=kwargs,
+        preprocessing="sam2",
+        license="unknown",
+        description="SAM 2.1 checkpoint with an unregistered Hiera trunk (attention layout "
+        "unknown: heads and global blocks are not stored in weights).",
+    )
     for spec in MODELS.values():
-        if spec.family == "sam2" and _same_trunk(spec, layout):
-            return spec
-    raise ValueError(
-        f"SAM 2.1 checkpoint with a Hiera trunk of width {layout['embed_dim']} and stages "
-        f"{layout['stages']} that no registered model has; heads and global-attention blocks "
-        "cannot be read from weights: build it from a ModelSpec(family='sam2', "
-        "encoder='hiera', encoder_kwargs=...) instead"
-    )
+        if spec.family == "sam2" and not spec.test_fixture and same_layout(spec, detected):
+            if spec.encoder_kwargs["window_spec"][0] == layout["first_window"]:
+                return spec
+    return detected
 
 
-def _same_trunk(spec: ModelSpec, layout: Mapping[str, Any]) -> bool:
-    kw = spec.encoder_kwargs
-    return (
-        kw["embed_dim"] == layout["embed_dim"]
-        and tuple(kw["stages"]) == tuple(layout["stages"])
-        and tuple(kw["window_pos_embed_bkg_spatial_size"])
-        == tuple(layout["window_pos_embed_bkg_spatial_size"])
-        and kw["window_spec"][0] == layout["first_window"]
+def same_layout(a: ModelSpec, b: ModelSpec) -> bool:
+    """True when two SAM 2 specs give the same state-dict layout: trunk width, stages and
+    position-embedding grids (heads, global blocks and later windows have no tensors; the
+    input size sizes none)."""
+    if a.family != "sam2" or b.family != "sam2":
+        return False
+    ka, kb = dict(a.encoder_kwargs), dict(b.encoder_kwargs)
+    same = (
+        ka["embed_dim"] == kb["embed_dim"]
+        and tuple(ka["stages"]) == tuple(kb["stages"])
+        and tuple(ka.get("window_pos_embed_bkg_spatial_size", (14, 14)))
+        == tuple(kb.get("window_pos_embed_bkg_spatial_size", (14, 14)))
     )
+    if "window_spec" in ka and "window_spec" in kb:
+        same = same and ka["window_spec"][0] == kb["window_spec"][0]
+    return same
 
 
 def _shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
