@@ -129,6 +129,14 @@ def test_registry_and_build_sam_dispatch_to_sam2():
     assert not model.training and model.image_size == 1024 and model.num_maskmem == 7
     assert model.directly_add_no_mem_embed and model.use_high_res_features_in_sam
     assert model.sam_mask_decoder.dynamic_multimask_via_stability
+    # SAM 2's input normalisation: ImageNet mean / std of [0, 1] RGB, here on 0..255.
+    imagenet_mean, imagenet_std = (
+        torch.tensor([0.485, 0.456, 0.406]),
+        torch.tensor([0.229, 0.224, 0.225]),
+    )
+    assert torch.allclose(model.pixel_mean.flatten(), 255 * imagenet_mean)
+    assert torch.allclose(model.pixel_std.flatten(), 255 * imagenet_std)
+    assert "pixel_mean" not in model.state_dict()
     assert isinstance(build_sam("medsam2"), Sam2)
     with pytest.raises(ValueError, match="not a SAM 2 model"):
         build_sam2("vit_b")

@@ -29,6 +29,9 @@ __all__ = ["NO_OBJ_SCORE", "Sam2"]
 NO_OBJ_SCORE = -1024.0
 """Mask logit written over a frame where the object is predicted absent."""
 
+_PIXEL_MEAN = (123.675, 116.28, 103.53)
+_PIXEL_STD = (58.395, 57.12, 57.375)
+
 # Logits standing for a given binary mask: sigmoid(+-10) is 1 - 4.5e-5 / 4.5e-5.
 _MASK_OUT_SCALE, _MASK_OUT_BIAS = 20.0, -10.0
 
@@ -101,7 +104,18 @@ class Sam2(nn.Module):
         ``obj_ptr_proj`` is a 3-layer MLP, not a linear layer.
     no_obj_embed_spatial : bool
         Memories of frames without the object get ``no_obj_embed_spatial`` added.
+    spec : ModelSpec or None
+        What the model was built from.
+
+    Attributes
+    ----------
+    pixel_mean, pixel_std : Tensor
+        ``3 x 1 x 1`` normalisation of 0..255 RGB (ImageNet's, as SAM's): a frame is
+        stretched to ``image_size`` squared, then ``(x - pixel_mean) / pixel_std``.
     """
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
 
     def __init__(
         self,
@@ -149,6 +163,10 @@ class Sam2(nn.Module):
         if fixed_no_obj_ptr and not (pred_obj_scores and use_obj_ptrs_in_encoder):
             raise ValueError("fixed_no_obj_ptr needs pred_obj_scores and use_obj_ptrs_in_encoder")
         self.spec = spec
+        # SAM 2 normalises [0, 1] RGB by ImageNet's mean / std: on the 0..255 scale these are
+        # SAM's pixel_mean / pixel_std. Constants, kept out of the state dict.
+        self.register_buffer("pixel_mean", torch.tensor(_PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(_PIXEL_STD).view(-1, 1, 1), False)
         self.image_encoder = image_encoder
         self.memory_attention = memory_attention
         self.memory_encoder = memory_encoder
