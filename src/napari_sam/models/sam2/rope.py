@@ -2,8 +2,9 @@
 
 Query and key channels are taken in adjacent pairs (complex numbers) and each pair is rotated
 by an angle proportional to the token's column (first half of the pairs) or row (second
-half), over a geometric ladder of frequencies. Rotations make the dot product depend on relative position.
-Memory keys cover several frames of the same grid: the rotation repeats for each frame.
+half), over a geometric ladder of frequencies. Rotations make the dot product depend on
+relative position. Memory keys cover several frames of the same grid: the rotation repeats
+for each frame.
 """
 
 from __future__ import annotations
