@@ -120,7 +120,8 @@ class MaskDecoder(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Check the batch sizes; the output tokens followed by the prompt tokens, ``B x T x C``
-        (output tokens cast to ``dtype`` when given)."""
+        (output tokens cast to ``dtype`` when given).
+        """
         b = sparse_prompt_embeddings.shape[0]
         if image_embeddings.ndim != 4 or image_embeddings.shape[0] not in (1, b):
             raise ValueError(

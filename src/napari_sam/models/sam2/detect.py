@@ -120,9 +120,11 @@ def detect_sam2_spec(state_dict: Mapping[str, Any]) -> ModelSpec | None:
 
 
 def same_layout(a: ModelSpec, b: ModelSpec) -> bool:
-    """True when two SAM 2 specs give the same state-dict layout: trunk width, stages and
-    position-embedding grids (heads, global blocks and later windows have no tensors; the
-    input size sizes none)."""
+    """True when two SAM 2 specs give the same state-dict layout.
+
+    That is trunk width, stages and position-embedding grids: heads, global blocks and later
+    windows have no tensors, and the input size sizes none.
+    """
     if a.family != "sam2" or b.family != "sam2":
         return False
     ka, kb = dict(a.encoder_kwargs), dict(b.encoder_kwargs)

@@ -66,7 +66,7 @@ class Hiera(nn.Module):
             raise ValueError(f"q_pool must be in 0..{len(stages) - 1}, got {q_pool}")
         self.window_spec = tuple(window_spec)
         self.global_att_blocks = tuple(global_att_blocks)
-        self.q_stride = tuple(q_stride)
+        self.q_stride = (int(q_stride[0]), int(q_stride[1]))
         self.stage_ends = [sum(stages[: i + 1]) - 1 for i in range(len(stages))]
         pool_blocks = [end + 1 for end in self.stage_ends[:-1]][:q_pool]
 
@@ -77,6 +77,7 @@ class Hiera(nn.Module):
         )
 
         self.blocks = nn.ModuleList()
+        widths = []
         dim, heads, stage = embed_dim, num_heads, 0
         for i in range(sum(stages)):
             # A stage's first block still uses the previous stage's window: its queries are
@@ -97,8 +98,9 @@ class Hiera(nn.Module):
                 )
             )
             dim = dim_out
+            widths.append(dim)
         # Widths of the outputs, lowest resolution first (the FPN neck's order).
-        self.channel_list = [self.blocks[i].dim_out for i in self.stage_ends[::-1]]
+        self.channel_list = [widths[i] for i in self.stage_ends[::-1]]
 
     def _get_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         h, w = hw
@@ -115,10 +117,12 @@ class Hiera(nn.Module):
         return pos.permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``B x 3 x S x S`` image -> one ``B x C x h x w`` map per stage, highest resolution
-        first (strides 4, 8, 16, 32; widths ``channel_list`` reversed)."""
+        """Encode ``B x 3 x S x S`` images: one ``B x C x h x w`` map per stage.
+
+        Highest resolution first (strides 4, 8, 16, 32; widths ``channel_list`` reversed).
+        """
         x = self.patch_embed(x)
-        x = x + self._get_pos_embed(x.shape[1:3])
+        x = x + self._get_pos_embed((int(x.shape[1]), int(x.shape[2])))
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -143,6 +147,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=7, stride=4, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x S x S`` -> ``B x S/4 x S/4 x embed_dim``."""
         return self.proj(x).permute(0, 2, 3, 1)
 
 
@@ -233,6 +238,7 @@ class MultiScaleAttention(nn.Module):
         self.proj = nn.Linear(dim_out, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x H x W x dim`` -> ``B x H' x W' x dim_out`` (pooled size with ``q_pool``)."""
         b, h, w, _ = x.shape
         heads = self.num_heads
         # B x HW x 3 x heads x d -> 3 x B x heads x HW x d
@@ -256,8 +262,11 @@ def _pool(x: torch.Tensor, pool: nn.Module | None) -> torch.Tensor:
 
 
 def _window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``B x H x W x C`` -> ``(B n) x window x window x C`` windows (zero-padded at the bottom
-    and right to whole windows) and the padded size."""
+    """Split ``B x H x W x C`` into ``(B n) x window x window x C`` windows.
+
+    The grid is zero-padded at the bottom and right to whole windows; the padded size is
+    returned too.
+    """
     b, h, w, c = x.shape
     pad_h, pad_w = -h % window, -w % window
     if pad_h or pad_w:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_sam.models.sam2.hiera import Hiera
 from napari_sam.models.sam2.position_encoding import PositionEmbeddingSine
 
 __all__ = ["FpnNeck", "ImageEncoder"]
@@ -18,9 +19,9 @@ class ImageEncoder(nn.Module):
 
     Parameters
     ----------
-    trunk : nn.Module
-        Returns one map per stage, highest resolution first; has ``channel_list`` (widths,
-        lowest resolution first).
+    trunk : Hiera
+        Returns one map per stage, highest resolution first; ``channel_list`` has their
+        widths, lowest resolution first.
     neck : FpnNeck
         Projects the maps to one width and adds top-down features.
     scalp : int
@@ -28,7 +29,7 @@ class ImageEncoder(nn.Module):
         stride-16 level).
     """
 
-    def __init__(self, trunk: nn.Module, neck: FpnNeck, scalp: int = 0) -> None:
+    def __init__(self, trunk: Hiera, neck: FpnNeck, scalp: int = 0) -> None:
         super().__init__()
         if list(trunk.channel_list) != list(neck.backbone_channel_list):
             raise ValueError(

@@ -9,6 +9,7 @@ passes them.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,11 @@ from napari_sam.models.sam2.rope import RoPEAttention
 
 __all__ = ["MemoryAttention", "MemoryAttentionLayer"]
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "glu": F.glu,
+}
 
 
 class MemoryAttentionLayer(nn.Module):
@@ -74,7 +79,7 @@ class MemoryAttentionLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
-        self.activation = _ACTIVATIONS[activation]
+        self.activation: Callable[[torch.Tensor], torch.Tensor] = _ACTIVATIONS[activation]
         self.pos_enc_at_attn = pos_enc_at_attn
         self.pos_enc_at_cross_attn_queries = pos_enc_at_cross_attn_queries
         self.pos_enc_at_cross_attn_keys = pos_enc_at_cross_attn_keys
@@ -87,18 +92,25 @@ class MemoryAttentionLayer(nn.Module):
         query_pos: torch.Tensor | None = None,
         num_k_exclude_rope: int = 0,
     ) -> torch.Tensor:
-        """Batch-first: ``tgt`` ``B x N x C`` frame tokens, ``memory`` ``B x M x C_mem``,
-        ``pos`` / ``query_pos`` their encodings; the last ``num_k_exclude_rope`` memory tokens
-        (object pointers) are not rotated."""
+        """Run the layer, batch-first.
+
+        ``tgt`` are ``B x N x C`` frame tokens, ``memory`` ``B x M x C_mem``, ``pos`` /
+        ``query_pos`` their encodings; the last ``num_k_exclude_rope`` memory tokens (object
+        pointers) are not rotated.
+        """
+        if query_pos is None and (self.pos_enc_at_attn or self.pos_enc_at_cross_attn_queries):
+            raise ValueError("this layer adds the frame's position encoding: pass query_pos")
+        if pos is None and self.pos_enc_at_cross_attn_keys:
+            raise ValueError("this layer adds the memories' position encoding: pass pos")
         x = self.norm1(tgt)
-        q = x + query_pos if self.pos_enc_at_attn else x
+        q = x + query_pos if self.pos_enc_at_attn and query_pos is not None else x
         tgt = tgt + self.dropout1(self.self_attn(q, q, v=x))
 
         x = self.norm2(tgt)
         extra = {"num_k_exclude_rope": num_k_exclude_rope} if num_k_exclude_rope else {}
         x = self.cross_attn_image(
-            q=x + query_pos if self.pos_enc_at_cross_attn_queries else x,
-            k=memory + pos if self.pos_enc_at_cross_attn_keys else memory,
+            q=x + query_pos if self.pos_enc_at_cross_attn_queries and query_pos is not None else x,
+            k=memory + pos if self.pos_enc_at_cross_attn_keys and pos is not None else memory,
             v=memory,
             **extra,
         )
@@ -163,6 +175,8 @@ class MemoryAttention(nn.Module):
             if len(curr) != 1 or not isinstance(curr_pos, list) or len(curr_pos) != 1:
                 raise ValueError("curr and curr_pos must be lists of one tensor each")
             curr, curr_pos = curr[0], curr_pos[0]
+        elif isinstance(curr_pos, list):
+            raise ValueError("curr_pos must be a tensor when curr is one")
         if curr.shape[1] != memory.shape[1]:
             raise ValueError(
                 f"batch sizes differ: {curr.shape[1]} frame(s), {memory.shape[1]} memory"

@@ -63,6 +63,7 @@ class MaskDownSampler(nn.Module):
         self.encoder.append(nn.Conv2d(chans, embed_dim, kernel_size=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x 1 x H x W`` mask -> ``B x embed_dim x H/total_stride x W/total_stride``."""
         return self.encoder(x)
 
 
@@ -104,6 +105,7 @@ class CXBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x dim x H x W`` -> same shape."""
         y = self.norm(self.dwconv(x)).permute(0, 2, 3, 1)  # channels last for the Linear layers
         y = self.pwconv2(self.act(self.pwconv1(y)))
         if self.gamma is not None:
@@ -142,6 +144,7 @@ class Fuser(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x C x H x W`` through the projection and the blocks, same shape."""
         x = self.proj(x)
         for layer in self.layers:
             x = layer(x)

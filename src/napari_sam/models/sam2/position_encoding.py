@@ -15,8 +15,7 @@ __all__ = ["PositionEmbeddingSine", "sine_encoding_1d"]
 
 
 def _frequencies(n: int, temperature: float, device: torch.device) -> torch.Tensor:
-    """Divisors ``temperature ** (2 floor(i / 2) / n)`` for ``i < n``: one per channel, equal
-    in (sine, cosine) pairs."""
+    """Divisors ``temperature ** (2 floor(i / 2) / n)`` for ``i < n``, equal in pairs."""
     i = torch.arange(n, dtype=torch.float32, device=device)
     return temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / n)
 

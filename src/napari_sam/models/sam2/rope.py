@@ -21,7 +21,9 @@ __all__ = ["RoPEAttention", "axial_rope_angles", "rotate_pairs"]
 _Key = tuple[int, int, torch.device]
 
 
-def axial_rope_angles(head_dim: int, side_x: int, side_y: int, theta: float = 10000.0):
+def axial_rope_angles(
+    head_dim: int, side_x: int, side_y: int, theta: float = 10000.0
+) -> torch.Tensor:
     """Rotation angles of a ``side_y x side_x`` grid (row-major tokens).
 
     Returns
@@ -41,9 +43,12 @@ def axial_rope_angles(head_dim: int, side_x: int, side_y: int, theta: float = 10
 
 
 def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x`` (``... x N x D``) by unit complex numbers
-    ``rotation`` (``N x D/2``): pair (a, b) is the complex a + ib, multiplied. In float32,
-    returned in ``x``'s dtype; one complex product is ~20x faster than the four real ones."""
+    """Rotate adjacent channel pairs of ``x`` (``... x N x D``) by ``rotation``.
+
+    ``rotation`` holds unit complex numbers (``N x D/2``); pair (a, b) is the complex a + ib,
+    multiplied. In float32, returned in ``x``'s dtype; one complex product is ~20x faster
+    than the four real ones.
+    """
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
@@ -92,8 +97,10 @@ class RoPEAttention(Attention):
         self._rotations: dict[_Key, torch.Tensor] = {}
 
     def _rotation(self, n: int, device: torch.device, frames: int = 1) -> torch.Tensor:
-        """Unit complex rotations of ``frames`` copies of an ``n``-token grid: ``(frames n) x
-        head_dim / 2``."""
+        """Unit complex rotations of ``frames`` copies of an ``n``-token grid.
+
+        Shape ``(frames n) x head_dim / 2``.
+        """
         key = (n, frames, device)
         if key not in self._rotations:
             if frames > 1:
@@ -112,8 +119,10 @@ class RoPEAttention(Attention):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0
     ) -> torch.Tensor:
-        """Attend ``q`` (``B x N x C``, a square grid) over ``k`` / ``v`` (``B x M x C_kv``);
-        the last ``num_k_exclude_rope`` keys are not rotated."""
+        """Attend ``q`` (``B x N x C``, a square grid) over ``k`` / ``v`` (``B x M x C_kv``).
+
+        The last ``num_k_exclude_rope`` keys are not rotated.
+        """
         q = self._split_heads(self.q_proj(q))
         k = self._split_heads(self.k_proj(k))
         v = self._split_heads(self.v_proj(v))

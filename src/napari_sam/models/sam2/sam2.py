@@ -21,7 +21,10 @@ from torch import nn
 
 from napari_sam.models.mask_decoder import MLP
 from napari_sam.models.prompt_encoder import PromptEncoder
+from napari_sam.models.sam2.image_encoder import ImageEncoder
 from napari_sam.models.sam2.mask_decoder import Sam2MaskDecoder
+from napari_sam.models.sam2.memory_attention import MemoryAttention
+from napari_sam.models.sam2.memory_encoder import MemoryEncoder
 from napari_sam.models.sam2.position_encoding import sine_encoding_1d
 
 __all__ = ["NO_OBJ_SCORE", "Sam2"]
@@ -119,9 +122,9 @@ class Sam2(nn.Module):
 
     def __init__(
         self,
-        image_encoder: nn.Module,
-        memory_attention: nn.Module,
-        memory_encoder: nn.Module,
+        image_encoder: ImageEncoder,
+        memory_attention: MemoryAttention,
+        memory_encoder: MemoryEncoder,
         sam_prompt_encoder: PromptEncoder,
         sam_mask_decoder: Sam2MaskDecoder,
         *,
@@ -175,9 +178,10 @@ class Sam2(nn.Module):
 
         self.image_size = image_size
         self.backbone_stride = backbone_stride
-        self.hidden_dim = image_encoder.neck.d_model
-        out_proj = getattr(memory_encoder, "out_proj", None)
-        self.mem_dim = out_proj.weight.shape[0] if hasattr(out_proj, "weight") else self.hidden_dim
+        self.hidden_dim = int(image_encoder.neck.d_model)
+        # The memory encoder's output projection narrows memories (to 64 in SAM 2).
+        out_weight = getattr(getattr(memory_encoder, "out_proj", None), "weight", None)
+        self.mem_dim = int(out_weight.shape[0]) if out_weight is not None else self.hidden_dim
         self.sam_prompt_embed_dim = self.hidden_dim
         self.sam_image_embedding_size = image_size // backbone_stride
         if tuple(sam_prompt_encoder.image_embedding_size) != (self.sam_image_embedding_size,) * 2:
@@ -239,9 +243,11 @@ class Sam2(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the weights."""
         return self.no_mem_embed.device
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
+        """Not available: SAM 2 runs frame by frame (:meth:`track_step`)."""
         raise NotImplementedError(
             "Sam2 has no single forward: encode frames with forward_image and step through "
             "them with track_step (a video / volume predictor does this)"
@@ -493,9 +499,11 @@ class Sam2(nn.Module):
     ) -> tuple[
         list[tuple[int, FrameOutput | None]], dict[int, FrameOutput], dict[int, FrameOutput]
     ]:
-        """Memories for ``frame_idx``: ``(t_pos, output)`` pairs (slot 0 for prompted frames,
-        1..num_maskmem-1 for tracked frames, oldest first), and the prompted frames selected
-        and not selected for attention."""
+        """Memories for ``frame_idx`` and the prompted frames (not) selected for attention.
+
+        The memories are ``(t_pos, output)`` pairs: slot 0 for prompted frames,
+        1..num_maskmem-1 for tracked frames, oldest first.
+        """
         cond_outputs = output_dict["cond_frame_outputs"]
         if not cond_outputs:
             raise ValueError(
@@ -575,7 +583,7 @@ class Sam2(nn.Module):
                     b,
                     device,
                 )
-                if ptrs is not None:
+                if ptrs is not None and ptr_pos is not None:
                     memories.append(ptrs)
                     memory_pos.append(ptr_pos)
                     num_obj_ptr_tokens = ptrs.shape[0]
@@ -602,8 +610,10 @@ class Sam2(nn.Module):
         b: int,
         device: torch.device,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Pointer tokens ``N x B x mem_dim`` (each pointer split into ``C / mem_dim``
-        tokens) and their temporal encodings, or (None, None) when there are none."""
+        """Object-pointer tokens ``N x B x mem_dim`` and their temporal encodings.
+
+        Each pointer is split into ``C / mem_dim`` tokens; (None, None) when there are none.
+        """
         c = self.hidden_dim
         max_ptrs = self.max_obj_ptrs_in_encoder
         if num_frames is not None:
@@ -876,8 +886,11 @@ class Sam2(nn.Module):
 def _select_closest_cond_frames(
     frame_idx: int, cond_frame_outputs: dict[int, FrameOutput], max_cond_frame_num: int
 ) -> tuple[dict[int, FrameOutput], dict[int, FrameOutput]]:
-    """Prompted frames to attend to: all, or the closest before and after ``frame_idx`` and
-    then the nearest others, up to ``max_cond_frame_num``. Returns (selected, the rest)."""
+    """Prompted frames to attend to, and the rest.
+
+    All of them, or the closest before and after ``frame_idx`` and then the nearest others,
+    up to ``max_cond_frame_num``.
+    """
     if max_cond_frame_num == -1 or len(cond_frame_outputs) <= max_cond_frame_num:
         return cond_frame_outputs, {}
     if max_cond_frame_num < 2:
