@@ -709,3 +709,61 @@ def test_switching_images_replaces_the_prompt_layers_in_one_batch(make_widget, q
     assert events == ["begin", "removed", "removed", "removed", "end"]
     assert widget.points_layer not in old and widget.points_layer in viewer.layers
     assert widget.points_layer.data.shape[1] == 3  # prompts in the new image's dimensions
+
+
+def test_removing_layers_down_to_a_2d_viewer_keeps_the_widget_working(make_widget, qtbot):
+    """Regression: with fewer viewer dims than the image has (layers being removed), the
+    widget's slicing fell over (IndexError in _layer_axes)."""
+    viewer, image, widget = make_widget(VOLUME)
+    flat = viewer.add_image(np.zeros((48, 64), np.float32), name="flat")
+    errors = []
+    widget.set_status = lambda text, error=False: errors.append(text) if error else None
+    # One by one, as a user deletes them: the widget's own 3D layers, then the 3D image (the
+    # viewer drops to 2 dims while the widget still works on that image).
+    for layer in [widget.points_layer, widget.boxes_layer, widget.preview_layer, image]:
+        viewer.layers.remove(layer)
+    assert viewer.dims.ndim == 2 and errors == []
+    assert widget.image_layer is flat and widget.frame().axis is None
+    assert not widget.axis_combo.isEnabled()
+    widget.points_layer.add([20, 30])
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(widget.preview_layer.data > 0, disc((48, 64), 30, 20, 2 * R))
+
+
+def test_download_button_shows_the_model_name_as_written(make_widget):
+    """Regression: "Download vit_b" showed as "Download vit  b"."""
+    from napari_sam._napari._models import button_text
+
+    options = [ModelOption("vit_b", "vit_b — will download 375 MB", False, True, 375_000_000)]
+    _viewer, _image, widget = make_widget(VOLUME, backend=FakeBackend(models=options))
+    button = widget.download_button
+    assert button.text() == "Download vit_b 375 MB"
+    assert button_text("R&D_model") == "R&&D_model"  # Qt shows "&&" as "&", not a mnemonic
+
+    def painted(text):
+        button.setText(text)
+        image = button.grab().toImage()
+        bits = image.constBits()
+        bits.setsize(image.sizeInBytes())
+        return np.frombuffer(bits, np.uint8).copy()
+
+    # The underscore is painted: the button differs from one with a space in its place.
+    assert (painted("Download vit_b 375 MB") != painted("Download vit b 375 MB")).any()
+
+
+def test_dock_leaves_most_of_the_default_window_to_the_canvas(make_widget, qtbot):
+    viewer, _image, widget = make_widget(VOLUME)
+    window = viewer.window._qt_window
+    window.show()
+    qtbot.waitExposed(window)
+    width = window.width()
+    hint, minimum = widget.sizeHint().width(), widget.minimumSizeHint().width()
+    print(f"main window {width} px, dock sizeHint {hint} px, minimumSizeHint {minimum} px")
+    assert hint <= width / 3 and minimum <= width / 3
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.waitUntil(lambda: canvas.width() > 0, timeout=5000)
+    assert canvas.width() >= widget.width(), (canvas.width(), widget.width())
+    # Folding a section gives its height back.
+    section = widget.sections["model"]
+    section.set_expanded(False)
+    assert not section.expanded and not widget.model_combo.isVisibleTo(widget)

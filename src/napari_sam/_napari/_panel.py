@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 __all__ = ["SamPanel", "Section"]
 
 #: Widest a combo box asks to be, in characters: long entries are elided, not widening the dock.
-COMBO_CHARS = 14
+COMBO_CHARS = 6
 
 
 def _combo(*items: tuple[str, str], tooltip: str = "") -> QComboBox:
@@ -41,6 +41,14 @@ def _combo(*items: tuple[str, str], tooltip: str = "") -> QComboBox:
     if tooltip:
         combo.setToolTip(tooltip)
     return combo
+
+
+def _spin(tooltip: str) -> QSpinBox:
+    spin = QSpinBox()
+    spin.setToolTip(tooltip)
+    spin.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+    spin.setMinimumWidth(0)
+    return spin
 
 
 def _button(text: str, tooltip: str = "") -> QPushButton:
@@ -111,7 +119,7 @@ class SamPanel(QWidget):
         self.window_combo = _combo(tooltip="Intensity window: how voxel values become gray levels")
         self.axis_combo = _combo(tooltip="The axis SAM slices along")
 
-        self.sign_button = _button("Points: positive (T)", "New points are positive; T toggles")
+        self.sign_button = _button("positive (T)", "New points are positive; T toggles")
         self.next_mask_button = _button("Next (N)", "Show SAM's next mask for a single click")
         self.clear_button = _button("Clear (⇧C)", "Remove every prompt (Shift+C)")
         self.everything_button = _button(
@@ -134,8 +142,8 @@ class SamPanel(QWidget):
         )
         self.commit_button = _button("Commit (C)", "Write the preview into the labels layer")
 
-        self.from_spin = QSpinBox()
-        self.to_spin = QSpinBox()
+        self.from_spin = _spin("First slice to propagate into")
+        self.to_spin = _spin("Last slice to propagate into")
         self.scope_combo = _combo(("All objects", "all"), ("Selected label", "selected"))
         self.scope_combo.setToolTip("Propagate every committed object or the selected label only")
         self.propagate_button = _button("Propagate (⇧S)", "Follow the objects through the volume")
@@ -179,7 +187,8 @@ class SamPanel(QWidget):
         form.addRow("Image", self.image_combo)
         form.addRow("Model", _row(self.model_combo, self.checkpoint_button))
         form.addRow(_row(self.download_button, self.download_progress, self.download_cancel_button))
-        form.addRow("Device", _row(self.device_combo, self.speed_combo))
+        form.addRow("Device", self.device_combo)
+        form.addRow("Speed", self.speed_combo)
         form.addRow("Window", self.window_combo)
         form.addRow("Axis", self.axis_combo)
         return section
@@ -191,22 +200,25 @@ class SamPanel(QWidget):
         hint.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         hint.setToolTip("SAM runs on every change; T makes new points negative")
         section.form.addRow(hint)
-        section.form.addRow(_row(self.sign_button, self.next_mask_button))
-        section.form.addRow(_row(self.clear_button, self.everything_button))
+        section.form.addRow("Points", _row(self.sign_button, self.next_mask_button))
+        section.form.addRow(self.clear_button)
+        section.form.addRow(self.everything_button)
         return section
 
     def _labels(self) -> Section:
         section = Section("Labels")
         form = section.form
         form.addRow("Target", self.labels_combo)
-        form.addRow("Id", _row(self.label_mode_combo, self.overlap_combo))
+        form.addRow("Id", self.label_mode_combo)
+        form.addRow("Overlap", self.overlap_combo)
         form.addRow(self.commit_button)
         return section
 
     def _volume(self) -> Section:
         section = Section("Volume")
         form = section.form
-        form.addRow("Slices", _row(self.from_spin, QLabel("to"), self.to_spin))
+        form.addRow("From", self.from_spin)
+        form.addRow("To", self.to_spin)
         form.addRow("Objects", self.scope_combo)
         form.addRow(_row(self.propagate_button, self.cancel_button))
         form.addRow(self.progress)

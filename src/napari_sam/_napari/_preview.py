@@ -163,7 +163,7 @@ class PromptPreview:
         if self._points is None:
             return
         positive = self._points.toggle()
-        self.sign_button.setText(f"Points: {'positive' if positive else 'negative'} (T)")
+        self.sign_button.setText(f"{'positive' if positive else 'negative'} (T)")
         self.sign_button.setToolTip(
             f"New points are {'positive' if positive else 'negative'}; T toggles"
         )

@@ -95,9 +95,11 @@ class SessionLink:
         # happen while a job runs or right after a preview of the current choices.
         if threading.current_thread() is not threading.main_thread() or self.jobs.busy:
             return
-        if "model" in needs and self._model_ready_message():
-            raise ValueError(self._model_ready_message())
-        self.ready_session(model="model" in needs)
+        # The console's session is on the widget's model too, once there is one to load.
+        problem = self._model_ready_message()
+        if "model" in needs and problem:
+            raise ValueError(problem)
+        self.ready_session(model=problem is None)
         if "labels" in needs:
             frame = self.frame()
             labels = self.ensure_labels_layer()

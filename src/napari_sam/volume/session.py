@@ -723,7 +723,7 @@ class VolumeSession:
         seeds = self.seeds(label_ids) if seeds is None else seeds
         if not seeds:
             raise ValueError(
-                "nothing to propagate: segment an object on a slice first (or paint it and "
+                "no object to propagate: segment an object on a slice first (or paint it and "
                 "propagate it by its label id)"
             )
         return self.parts.propagate(self.cache, self.predictor, seeds, **options)
