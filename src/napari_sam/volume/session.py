@@ -720,7 +720,15 @@ class VolumeSession:
         ``options`` as in :meth:`propagate_iter`.
         """
         self._use("labels", "model")
-        seeds = self.seeds(label_ids) if seeds is None else seeds
+        if seeds is None:
+            label_ids = None if label_ids is None else [int(i) for i in label_ids]
+            seeds = self.seeds(label_ids)
+            for label in label_ids or ():
+                if label not in seeds:
+                    raise ValueError(
+                        f"object {label} has no seed slice: segment it on a slice first "
+                        "(segment_slice / add_mask / annotate)"
+                    )
         if not seeds:
             raise ValueError(
                 "no object to propagate: segment an object on a slice first (or paint it and "
