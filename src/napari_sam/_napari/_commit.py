@@ -94,7 +94,7 @@ class CommitAndPropagate:
         labels = self.labels_layer
         if labels is None or self.session.volume is None:
             return {}
-        if self.session._labels_key != self._labels_key(labels, frame):
+        if self.session.labels_key != self._labels_key(labels, frame):
             return {}
         return self.session.objects
 
@@ -138,16 +138,22 @@ class CommitAndPropagate:
         labels.mode = "pan_zoom"
         self.propagate_button.setEnabled(False)
         self.set_status(f"Propagating through slices {lo}-{hi}…")
-        self._start(
-            "propagate",
-            propagate_job,
-            selected,
-            (lo, hi + 1),
-            frame=frame,
-            on_done=self._on_propagation_done,
-        )
-        # The writer the job's setup chose; everything written until the end is one undo step.
+        # Everything the session writes through this layer until the job ends: one undo step.
         history.enter_context(self._writer_for(labels, frame).undo_step())
+        try:
+            self._start(
+                "propagate",
+                propagate_job,
+                selected,
+                (lo, hi + 1),
+                frame=frame,
+                on_done=self._on_propagation_done,
+            )
+        except BaseException:
+            self._propagation = None
+            history.close()
+            self.propagate_button.setEnabled(True)
+            raise
 
     def _write_step(self, step: Step) -> None:
         run = self._propagation

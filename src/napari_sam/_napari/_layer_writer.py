@@ -31,8 +31,12 @@ class LayerWriter:
     def __init__(self, layer: Any, frame: SliceFrame) -> None:
         self.layer = layer
         self.frame = frame
-        self.labels: np.ndarray = frame.volume(layer.data)
         self._depth = 0
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The session's ``(Z, Y, X)`` view of the layer's data (of its current array)."""
+        return self.frame.volume(self.layer.data)
 
     def write(self, index: int, rows: np.ndarray, cols: np.ndarray, values: Any) -> None:
         if len(rows):

@@ -13,10 +13,8 @@ __all__ = ["ModelChooser", "button_text"]
 
 
 def button_text(text: str) -> str:
-    """``text`` for a QPushButton/QAction label: ``&`` escaped so Qt shows it instead of taking
-    it as a mnemonic marker. (Qt has no mnemonic for ``_``; fonts without an underscore glyph
-    at small sizes show ``vit_b`` as ``vit b``, so the model name is also given in the tooltip.)
-    """
+    """``text`` as a QPushButton/QAction shows it: Qt takes ``&`` as its mnemonic marker (and
+    drops it), so it is doubled; nothing else in a label is special to Qt."""
     return text.replace("&", "&&")
 
 

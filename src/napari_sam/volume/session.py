@@ -170,7 +170,6 @@ class VolumeSession:
         if encode_fn is not None:
             self._cache_options["encode_fn"] = encode_fn
         self.volume: np.ndarray | None = None
-        self.labels: np.ndarray | None = None
         self.writer: LabelsWriter | None = None
         self.metadata: dict = {}
         self.scale: tuple | None = None
@@ -310,7 +309,6 @@ class VolumeSession:
                 f"labels must be an integer array of shape {spatial} (the volume's), got "
                 f"{labels.dtype} {labels.shape}"
             )
-        self.labels = labels
         self.writer = writer if writer is not None else ArrayWriter(labels, self.axis)
         self._labels_key = key if key is not None else id(labels)
         self._switch_objects()
@@ -347,6 +345,18 @@ class VolumeSession:
         )
 
     # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The ``(Z, Y, X)`` labels the session writes into (its writer's; None before a
+        volume is set). Read from the writer each time, so a napari layer whose data array was
+        replaced is followed."""
+        return None if self.writer is None else self.writer.labels
+
+    @property
+    def labels_key(self) -> Any:
+        """The key of the labels the objects belong to (see :meth:`set_labels`)."""
+        return self._labels_key
 
     @property
     def ready(self) -> bool:
