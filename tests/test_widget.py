@@ -711,6 +711,7 @@ def test_switching_images_replaces_the_prompt_layers_in_one_batch(make_widget, q
     assert widget.points_layer.data.shape[1] == 3  # prompts in the new image's dimensions
 
 
+@pytest.mark.slow  # four layer removals, each a full garbage collection in napari
 def test_removing_layers_down_to_a_2d_viewer_keeps_the_widget_working(make_widget, qtbot):
     """Regression: with fewer viewer dims than the image has (layers being removed), the
     widget's slicing fell over (IndexError in _layer_axes)."""
