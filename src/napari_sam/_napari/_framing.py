@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from napari_sam._napari._slicing import SliceFrame
@@ -9,7 +11,7 @@ from napari_sam._napari._slicing import SliceFrame
 __all__ = ["Framing", "spatial_shape"]
 
 
-def spatial_shape(image) -> tuple[int, ...]:
+def spatial_shape(image: Any) -> tuple[int, ...]:
     """Shape of an image layer's data without the RGB channel axis (level 0 if multiscale)."""
     data = image.data[0] if image.multiscale else image.data
     shape = tuple(data.shape)
@@ -20,7 +22,7 @@ class Framing:
     """Mixin of :class:`~.widget.SamWidget`: the slicing implied by the viewer (sliced axis,
     displayed plane, held time point), the axis chooser and the slice-range spin boxes."""
 
-    def _layer_axes(self, image) -> tuple[int | None, tuple[int, int] | None]:
+    def _layer_axes(self, image: Any) -> tuple[int | None, tuple[int, int] | None]:
         """(sliced axis, displayed plane) of ``image`` from the viewer's dims order; (None,
         None) when the viewer has fewer dims than the image (layers being removed)."""
         ndim = image.ndim
@@ -32,7 +34,7 @@ class Framing:
             return None, None
         return order[-3], tuple(sorted(order[-2:]))
 
-    def _data_point(self, image) -> np.ndarray:
+    def _data_point(self, image: Any) -> np.ndarray:
         """The viewer's current point in ``image``'s data coordinates (zeros while the viewer
         has fewer dims than the image)."""
         if self.viewer.dims.ndim < image.ndim:
@@ -87,7 +89,7 @@ class Framing:
         self.from_spin.setValue(0)
         self.to_spin.setValue(n - 1)
 
-    def _on_axis_chosen(self, *_) -> None:
+    def _on_axis_chosen(self, *_: object) -> None:
         """Slice along the chosen axis: make it the last slider (the plane stays displayed)."""
         image, axis = self.image_layer, self.axis_combo.currentData()
         if image is None or axis is None:
@@ -96,11 +98,11 @@ class Framing:
         order = [a for a in self.viewer.dims.order if a != axis + offset]
         self.viewer.dims.order = (*order[:-2], axis + offset, *order[-2:])
 
-    def _on_dims_order(self, event=None) -> None:
+    def _on_dims_order(self, event: object = None) -> None:
         self._sync_axis_combo()
         self._invalidate()
 
-    def _on_step(self, event=None) -> None:
+    def _on_step(self, event: object = None) -> None:
         """Moving to another slice: segment it if it holds prompts and no result yet."""
         if self.image_layer is None or self.jobs.name == "propagate":
             return

@@ -12,13 +12,18 @@ main thread into a :class:`Setup` first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from napari_sam._napari._backend import Backend
 from napari_sam._napari._slicing import SliceFrame
 from napari_sam._napari.prompt_layers import SlicePrompts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Generator
+
+    from napari_sam.volume.session import VolumeSession
 
 __all__ = [
     "Prepared",
@@ -83,7 +88,14 @@ class Result:
         return self.masks[self.chosen]
 
 
-def prepare(backend: Backend, session, setup: Setup, prepared: Prepared, *, model: bool = True):
+def prepare(
+    backend: Backend,
+    session: VolumeSession,
+    setup: Setup,
+    prepared: Prepared,
+    *,
+    model: bool = True,
+) -> Generator[str, None, None]:
     """Generator: bring ``session`` to ``setup`` (load the model when it changed, re-target the
     volume when the image, slicing or window changed); ``model=False`` skips the model."""
     if model and prepared.model_key != setup.model_key:
@@ -110,7 +122,7 @@ def prepare(backend: Backend, session, setup: Setup, prepared: Prepared, *, mode
         session.set_labels(writer=setup.writer, key=setup.labels_key)
 
 
-def run_now(job) -> Any:
+def run_now(job: Generator) -> Any:
     """Run a job generator to its end here (napari's console runs on the main thread)."""
     while True:
         try:
@@ -121,14 +133,14 @@ def run_now(job) -> Any:
 
 def segment_job(
     backend: Backend,
-    session,
+    session: VolumeSession,
     setup: Setup,
     prepared: Prepared,
     index: int,
     prompts: SlicePrompts,
     mask_input: np.ndarray | None,
     multimask: bool,
-):
+) -> Generator[str, None, Result]:
     """Generator: encode the slice if needed (saying so) and decode the prompts."""
     yield from prepare(backend, session, setup, prepared)
     if not session.is_encoded(index):
@@ -149,7 +161,9 @@ def segment_job(
     )
 
 
-def everything_job(backend: Backend, session, setup: Setup, prepared: Prepared, index: int):
+def everything_job(
+    backend: Backend, session: VolumeSession, setup: Setup, prepared: Prepared, index: int
+) -> Generator[str, None, tuple[int, np.ndarray]]:
     """Generator: all objects SAM finds on one slice; returns ``(index, label image)``."""
     yield from prepare(backend, session, setup, prepared)
     if not session.is_encoded(index):
@@ -160,12 +174,12 @@ def everything_job(backend: Backend, session, setup: Setup, prepared: Prepared, 
 
 def propagate_job(
     backend: Backend,
-    session,
+    session: VolumeSession,
     setup: Setup,
     prepared: Prepared,
     label_ids: list[int] | None,
     slice_range: tuple[int, int],
-):
+) -> Generator[Any, None, None]:
     """Generator: read the seeds, then yield one ``Step`` per propagated slice (unwritten).
 
     Reading seeds scans the labels volume, which is why it happens here and not on the main

@@ -39,11 +39,13 @@ class LayerWriter:
         return self.frame.volume(self.layer.data)
 
     def write(self, index: int, rows: np.ndarray, cols: np.ndarray, values: Any) -> None:
+        """Set pixels ``(rows, cols)`` of slice ``index`` through ``data_setitem``."""
         if len(rows):
             self.layer.data_setitem(self.frame.nd_index(index, rows, cols), values)
 
     @contextlib.contextmanager
     def undo_step(self) -> Iterator[None]:
+        """One napari undo step for the writes inside (re-entrant)."""
         # napari's block_history commits its staged history when any (nested) block ends:
         # only the outermost one may open it.
         if self._depth:
@@ -61,8 +63,10 @@ class LayerWriter:
             self._depth = 0
 
     def undo(self) -> None:
+        """napari's undo of the layer (Ctrl+Z)."""
         self.layer.undo()
 
     def max_label(self) -> int:
+        """The largest label id in the whole layer (all time points)."""
         data = self.layer.data
         return int(data.max()) if data.size else 0

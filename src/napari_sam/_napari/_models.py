@@ -76,7 +76,7 @@ class ModelChooser:
             return
         self._add_model_item(f"file: {path.name}", str(path))
 
-    def set_model(self, model, name: str | None = None) -> None:
+    def set_model(self, model: Any, name: str | None = None) -> None:
         """Use an already loaded model (e.g. from napari's console)."""
         self._add_model_item(f"in memory: {name or self.backend.model_name(model)}", model)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 from napari_sam._napari._jobs import Prepared, Setup, prepare, run_now
 from napari_sam._napari._layer_writer import LayerWriter
 from napari_sam._napari._slicing import SliceFrame
+from napari_sam.volume.session import VolumeSession
 
 __all__ = ["SessionLink"]
 
@@ -24,17 +26,17 @@ class SessionLink:
         self.session.before_use = self._before_use
 
     @staticmethod
-    def _labels_key(labels, frame: SliceFrame) -> tuple:
+    def _labels_key(labels: Any, frame: SliceFrame) -> tuple:
         # The session's objects belong to one labels layer and one held time point.
         return (id(labels), frame.fixed)
 
-    def _writer_for(self, labels, frame: SliceFrame) -> LayerWriter:
+    def _writer_for(self, labels: Any, frame: SliceFrame) -> LayerWriter:
         writer = self._writer
         if writer is None or writer.layer is not labels or writer.frame != frame:
             writer = self._writer = LayerWriter(labels, frame)
         return writer
 
-    def attach_labels(self, labels, frame: SliceFrame) -> None:
+    def attach_labels(self, labels: Any, frame: SliceFrame) -> None:
         """Make the session write into the labels layer ``labels`` (shape = the image's)."""
         writer = self._writer_for(labels, frame)
         if self.session.writer is not writer:
@@ -80,7 +82,7 @@ class SessionLink:
         if self._prompts_exist():
             self.request_segment()
 
-    def ready_session(self, model: bool = True):
+    def ready_session(self, model: bool = True) -> VolumeSession:
         """The session on the current choices, prepared here and now (blocks: for napari's
         console, where the user runs code on the main thread anyway)."""
         run_now(
@@ -90,7 +92,7 @@ class SessionLink:
         )
         return self.session
 
-    def _before_use(self, session, needs: set[str]) -> None:
+    def _before_use(self, session: VolumeSession, needs: set[str]) -> None:
         # Jobs run in worker threads on an already prepared session; the widget's own writes
         # happen while a job runs or right after a preview of the current choices.
         if threading.current_thread() is not threading.main_thread() or self.jobs.busy:

@@ -70,6 +70,7 @@ class ArrayWriter:
         return self.labels[tuple(where)]
 
     def write(self, index: int, rows: np.ndarray, cols: np.ndarray, values: Any) -> None:
+        """Set pixels ``(rows, cols)`` of slice ``index``, recording their old values."""
         if len(rows) == 0:
             return
         plane = self._slice(index)
@@ -82,6 +83,7 @@ class ArrayWriter:
 
     @contextlib.contextmanager
     def undo_step(self) -> Iterator[None]:
+        """Group the writes inside into one undo step (nested steps join the outer one)."""
         if self._depth == 0:
             self._open = []
         self._depth += 1
@@ -96,6 +98,7 @@ class ArrayWriter:
                 self._open = None
 
     def undo(self) -> None:
+        """Restore the pixels of the last undo step; ValueError when there is none."""
         if not self._history:
             raise ValueError("nothing to undo")
         for index, r0, c0, old in reversed(self._history.pop()):
@@ -103,7 +106,9 @@ class ArrayWriter:
 
     @property
     def can_undo(self) -> bool:
+        """Whether there is an undo step to take back."""
         return bool(self._history)
 
     def max_label(self) -> int:
+        """The largest label id in the volume (0 when empty)."""
         return int(self.labels.max()) if self.labels.size else 0
