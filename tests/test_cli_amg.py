@@ -19,11 +19,10 @@ from napari_sam.cli import build_parser, main
 from napari_sam.commands.amg import (
     AMG_SETTINGS,
     METADATA_HEADER,
-    _parse_window,
     amg_kwargs,
     read_image,
 )
-from napari_sam.intensity import to_rgb_uint8
+from napari_sam.intensity import parse_window, to_rgb_uint8
 from napari_sam.models.build import build_sam
 from napari_sam.registry import ModelSpec
 from napari_sam.weights import save_checkpoint
@@ -133,7 +132,7 @@ def test_window_option(tmp_path):
     _, default, _ = read_image(tmp_path / "x.npy")
     np.testing.assert_array_equal(default(img), to_rgb_uint8(img))
 
-    _, windowed, _ = read_image(tmp_path / "x.npy", window=_parse_window("0,50"))
+    _, windowed, _ = read_image(tmp_path / "x.npy", window=parse_window("0,50"))
     assert windowed(img)[9, 9, 0] == 255 and windowed(img)[0, 2, 0] == 10
 
 
