@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
+from conftest import build_seeded, small_vit_spec
 from napari_sam.amg_utils import coco_decode_rle, rle_to_mask
 from napari_sam.automatic import SamAutomaticMaskGenerator
 from napari_sam.cli import build_parser, main
@@ -23,19 +23,14 @@ from napari_sam.commands.amg import (
     read_image,
 )
 from napari_sam.intensity import parse_window, to_rgb_uint8
-from napari_sam.models.build import build_sam
-from napari_sam.registry import ModelSpec
 from napari_sam.weights import save_checkpoint
 
-SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)}
 LOOSE = ["--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--points-per-side", "3"]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    spec = ModelSpec(name="cli_small", encoder="vit", encoder_kwargs=SMALL_VIT, image_size=256)
-    return build_sam(spec).eval()
+    return build_seeded(small_vit_spec("cli_small")).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_vit_spec
 from napari_sam.models.build import build_sam
 from napari_sam.prompts import (
     MASK_LOGIT,
@@ -20,13 +21,8 @@ from napari_sam.transforms import ResizeLongestSide, StretchResize
 
 
 def _spec(size: int, preprocessing: str = "sam") -> ModelSpec:
-    return ModelSpec(
-        name="test_prompts_vit",
-        encoder="vit",
-        encoder_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2, "global_attn_indexes": ()},
-        image_size=size,
-        preprocessing=preprocessing,
-        test_fixture=True,
+    return tiny_vit_spec(
+        "test_prompts_vit", image_size=size, preprocessing=preprocessing, test_fixture=True
     )
 
 
