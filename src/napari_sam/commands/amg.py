@@ -36,7 +36,7 @@ from napari_sam.commands._options import (
     window_from_args,
 )
 
-__all__ = ["add_parser", "read_image", "run", "write_masks_to_folder"]
+__all__ = ["add_parser", "image_stem", "read_image", "run", "write_masks_to_folder"]
 
 # The AMG settings, as (option, type, help); each maps to the generator's keyword of that name.
 AMG_SETTINGS = [
@@ -101,6 +101,13 @@ def amg_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 # -- reading ----------------------------------------------------------------------------------
 
 
+def image_stem(path: Path) -> str:
+    """The name outputs of an input are called by: ``ct.nii.gz`` -> ``ct``, ``a.png`` -> ``a``."""
+    from napari_sam.io.nifti import is_nifti_path, nifti_stem
+
+    return nifti_stem(path) if is_nifti_path(path) else path.stem
+
+
 def _channels_last(image: np.ndarray) -> np.ndarray:
     # TIFF and NumPy files often store channels first.
     if image.ndim == 3 and image.shape[-1] not in (1, 3, 4) and image.shape[0] in (1, 3, 4):
@@ -127,7 +134,7 @@ def read_image(
     def window_for(data: np.ndarray) -> Window:
         return resolve_window(data, window or "auto")
 
-    from napari_sam.io.nifti import is_nifti_path, nifti_stem
+    from napari_sam.io.nifti import is_nifti_path
 
     if is_nifti_path(path):
         from napari_sam.io.nifti import read_nifti
@@ -135,7 +142,7 @@ def read_image(
         volume = read_nifti(path)
         data = volume.data
         spatial = data.ndim - (1 if volume.rgb else 0)
-        name = nifti_stem(path)
+        name = image_stem(path)
         if spatial == 3:
             if slice_index is None:
                 raise ValueError(f"{path} is a volume: choose a slice with --slice Z")
@@ -182,9 +189,9 @@ def read_image(
             f"{path} has shape {image.shape}: expected a 2-D image with 1, 3 or 4 channels"
         )
     if window is None:
-        return image, to_rgb_uint8, path.stem
+        return image, to_rgb_uint8, image_stem(path)
     win = window_for(image)
-    return image, lambda img: to_rgb_uint8(img, win), path.stem
+    return image, lambda img: to_rgb_uint8(img, win), image_stem(path)
 
 
 def _targets(path: Path) -> list[Path]:
