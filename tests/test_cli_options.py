@@ -18,6 +18,9 @@ COMMANDS = {
     "amg": ["amg", "x.png", "-o", "out"],
     "export-onnx": ["export-onnx", "-o", "d.onnx"],
     "train": ["train", "data", "-o", "o.pth"],
+    "batch embed": ["batch", "embed", "cohort"],
+    "batch segment": ["batch", "segment", "cohort", "-o", "labels"],
+    "batch amg": ["batch", "amg", "images", "-o", "masks"],
 }
 VOLUME_COMMANDS = ("segment", "embed", "amg")
 
@@ -40,7 +43,7 @@ def test_every_model_command_takes_model_type_and_checkpoint(parser, command):
 
 
 def test_model_defaults(parser):
-    for command in ("segment", "embed", "amg", "export-onnx"):
+    for command in ("segment", "embed", "amg", "export-onnx", "batch embed", "batch amg"):
         assert parser.parse_args(COMMANDS[command]).model == "vit_b", command
     # train needs --model or --config, and never both.
     with pytest.raises(SystemExit):
