@@ -80,8 +80,11 @@ class Prompts:
 
     @property
     def ambiguous(self) -> bool:
-        """One click and nothing else: part or whole? Ask SAM for three masks and keep the best
-        (``multimask_output=True``); a box, a region or several clicks say enough for one."""
+        """Whether the prompts are one click and nothing else: part or whole?
+
+        Then ask SAM for three masks and keep the best (``multimask_output=True``); a box, a
+        region or several clicks say enough for one.
+        """
         return len(self.points) == 1 and self.box is None and self.mask is None
 
     def _region_key(self) -> tuple:
@@ -95,8 +98,10 @@ class Prompts:
         return (pts, tuple(self.labels.tolist()), *self._region_key())
 
     def extends(self, other: Prompts) -> bool:
-        """True if these prompts are ``other`` plus more clicks (nothing moved or removed):
-        then the mask SAM gave for ``other`` is a sound dense prompt for these."""
+        """Whether these prompts are ``other`` plus more clicks (nothing moved or removed).
+
+        Then the mask SAM gave for ``other`` is a sound dense prompt for these.
+        """
         n = len(other.points)
         if len(self.points) <= n or self._region_key() != other._region_key():
             return False
@@ -105,9 +110,12 @@ class Prompts:
     def predict_kwargs(
         self, transform: _Transform, original_size: tuple[int, int]
     ) -> dict[str, Any]:
-        """Keywords of :meth:`SamPredictor.predict <napari_sam.predictor.SamPredictor.predict>`
-        (``point_coords``, ``point_labels``, ``box``, ``mask_input``) for these prompts; a drawn
-        region becomes the dense prompt (:func:`mask_to_mask_input`)."""
+        """Keywords of :meth:`SamPredictor.predict <napari_sam.predictor.SamPredictor.predict>`.
+
+        ``point_coords``, ``point_labels``, ``box`` and ``mask_input`` for these prompts; a drawn
+        region becomes the dense prompt (:func:`mask_to_mask_input`) at the predictor's
+        ``transform`` and the slice's ``original_size`` ``(H, W)``.
+        """
         has_points = len(self.points) > 0
         mask_input = None
         if self.mask is not None:

@@ -80,8 +80,10 @@ def add_precision_option(p: argparse.ArgumentParser) -> None:
 def add_window_option(
     p: argparse.ArgumentParser, *, default: str | None = "auto", default_text: str = "auto"
 ) -> None:
-    """``--window``, read by :func:`napari_sam.intensity.parse_window` (see
-    :func:`window_from_args`)."""
+    """``--window``, read by :func:`napari_sam.intensity.parse_window`.
+
+    See :func:`window_from_args` for what the value becomes.
+    """
     p.add_argument("--window", default=default, help=f"{WINDOW_HELP} (default: {default_text})")
 
 
@@ -101,8 +103,13 @@ def add_embedding_store_options(p: argparse.ArgumentParser) -> None:
 
 
 def window_from_args(args: argparse.Namespace) -> Any:
-    """``args.window`` read by :func:`napari_sam.intensity.parse_window`: a Window for
-    ``LOW,HIGH``, a checked mode name otherwise, None when the option was not given."""
+    """Read ``args.window`` with :func:`napari_sam.intensity.parse_window`.
+
+    Returns
+    -------
+    Window, str or None
+        A Window for ``LOW,HIGH``, the checked mode name otherwise, None when not given.
+    """
     from napari_sam.cli import CommandError
     from napari_sam.intensity import parse_window
 
@@ -115,8 +122,11 @@ def window_from_args(args: argparse.Namespace) -> Any:
 
 
 def load_model_or_fail(args: argparse.Namespace, device: str) -> Any:
-    """:func:`~napari_sam.weights.load_model` (at ``args.precision`` when the command has
-    that option) with user errors as one-line CommandErrors."""
+    """Load ``args.model`` (and ``args.checkpoint``) on ``device``, or fail as a CommandError.
+
+    :func:`~napari_sam.weights.load_model`, at ``args.precision`` when the command has that
+    option; user errors become one-line :class:`~napari_sam.cli.CommandError` messages.
+    """
     from napari_sam.cli import CommandError
     from napari_sam.speed import with_precision
     from napari_sam.weights import WeightsUnavailableError, load_model

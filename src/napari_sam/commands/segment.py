@@ -138,8 +138,10 @@ def add_parser(subparsers) -> None:
 
 
 def add_session_options(p: argparse.ArgumentParser) -> None:
-    """The options of a :class:`~napari_sam.volume.session.VolumeSession` (``segment``,
-    ``embed``): model, window, axis, embedding store, device, precision."""
+    """Add the options of a :class:`~napari_sam.volume.session.VolumeSession`.
+
+    Model, window, axis, embedding store, device and precision (``segment``, ``embed``).
+    """
     add_model_options(p)
     add_window_option(p)
     add_axis_option(p)

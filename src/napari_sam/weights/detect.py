@@ -207,7 +207,7 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
     Preprocessing, URLs and names are ignored (MedSAM and vit_b are the same architecture).
     For a ViT whose blocks are all global the window size is not part of the layout; for
     TinyViT the input size and the first (convolutional) stage's unused head count and window
-    are not.
+    are not. Other families compare their encoder arguments and input size.
     """
     if a.encoder != b.encoder:
         return False
@@ -217,11 +217,13 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
             window = kwargs.pop("window_size", VIT_WINDOW)
             if set(range(kwargs.get("depth", 0))) - set(kwargs.get("global_attn_indexes", ())):
                 kwargs["window_size"] = window
-        return ka == kb and a.image_size == b.image_size
-    for key in ("num_heads", "window_sizes"):
-        if key in ka and key in kb:
-            ka[key], kb[key] = ka[key][1:], kb[key][1:]
-    return ka == kb
+    if a.encoder == "tiny_vit":
+        for key in ("num_heads", "window_sizes"):
+            if key in ka and key in kb:
+                ka[key], kb[key] = ka[key][1:], kb[key][1:]
+        return ka == kb
+    # ViT and other families: the encoder's arguments and the input size (position grids).
+    return ka == kb and a.image_size == b.image_size
 
 
 def looks_like(state_dict: StateDict) -> str:
