@@ -62,6 +62,7 @@ def _assert_agree(ours: np.ndarray, ref: np.ndarray) -> None:
     assert ((ours > 0) == (ref > 0)).mean() >= 0.999
 
 
+@pytest.mark.slow
 def test_click_on_middle_slice_tracked_up_and_down(setup):
     model, cache, frames, images = setup
     tracker = VolumeTracker(model, cache)
@@ -85,6 +86,7 @@ def test_click_on_middle_slice_tracked_up_and_down(setup):
     assert 0.01 < fraction < 0.99  # the masks are not trivially empty or full
 
 
+@pytest.mark.slow
 def test_two_objects_and_a_correction_match_reference(setup):
     model, cache, frames, images = setup
     mask = _volume()[5] > 100  # the blob on slice 5, as a mask prompt

@@ -31,8 +31,7 @@ enough to give the same masks; the model is only called through ``SAM2Base``'s m
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,10 +41,10 @@ import torch.nn.functional as F
 
 from napari_sam.predictor import check_prompts
 from napari_sam.sam2_predictor import fill_small_regions
+from napari_sam.volume.embeddings import Cancel, _is_cancelled
 
 __all__ = ["Prompt", "TrackStep", "VolumeTracker", "track_volume"]
 
-Cancel = Callable[[], bool] | threading.Event | None
 UP, DOWN = 1, -1
 
 
@@ -134,19 +133,13 @@ class _Object:
     starts: dict[int, set[int]] = field(default_factory=lambda: {UP: set(), DOWN: set()})
     # Consecutive slices without the object in the current walk (for ``stop_after``).
     absent_run: int = 0
+    # Slices whose current result has been yielded by a walk.
+    delivered: set[int] = field(default_factory=set)
 
     def output(self, index: int) -> dict | None:
         if index in self.pending:
             return self.pending[index][1]
         return self.cond.get(index, self.noncond.get(index))
-
-
-def _is_cancelled(cancel: Cancel) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 class VolumeTracker:
@@ -260,8 +253,9 @@ class VolumeTracker:
         :meth:`track_iter`.
         """
         index = self._check_slice(slice)
-        obj = self._objects.setdefault(int(obj_id), _Object())
+        obj = self._objects.get(int(obj_id), _Object())
         prompt = self._prompt_inputs(obj, index, points, labels, box, mask, clear)
+        self._objects[int(obj_id)] = obj
         tracked = obj.direction.get(index)
         is_init = tracked is None
         is_cond = is_init or self.corrections_as_conditioning
@@ -289,6 +283,7 @@ class VolumeTracker:
         )
         obj.prompts[index] = prompt
         obj.pending[index] = (is_cond, self._compact(out, memory=False))
+        obj.delivered.discard(index)
         if is_init:
             obj.starts[UP].add(index)
             obj.starts[DOWN].add(index)
@@ -306,7 +301,6 @@ class VolumeTracker:
         """
         self._encode_pending()
         done = 0
-        emitted: set[tuple[int, int]] = set()
         for direction in (UP, DOWN):
             ended: set[int] = set()
             sweep = self._sweep(direction, self._live_starts(direction), self._tracked(), ended)
@@ -319,19 +313,19 @@ class VolumeTracker:
                     return
                 updated = []
                 for obj_id, start in work:
-                    if (obj_id, index) in emitted:
-                        continue
-                    emitted.add((obj_id, index))
                     obj = self._objects[obj_id]
+                    if index in obj.delivered:
+                        continue  # a prompted slice whose answer is out already
                     obj.starts[direction].discard(start)
                     if self._track_slice(obj, index, start, direction):
                         ended.add(obj_id)
+                    obj.delivered.add(index)
                     updated.append(obj_id)
                     self._keep_window(obj, index + direction, direction == DOWN)
                 if not updated:
                     continue
                 done += 1
-                total = done + self._remaining(direction, index, emitted, ended)
+                total = done + self._remaining(direction, index, ended)
                 try:
                     yield self._step(index, direction, tuple(updated), done, total)
                 except GeneratorExit:
@@ -425,6 +419,7 @@ class VolumeTracker:
         while obj.direction.get(k) == direction and k not in obj.prompts:
             del obj.direction[k]
             obj.noncond.pop(k, None)
+            obj.delivered.discard(k)
             k += direction
 
     # -- model calls --------------------------------------------------------------------------
@@ -609,10 +604,10 @@ class VolumeTracker:
                 return
             k += direction
 
-    def _remaining(self, direction: int, index: int, emitted, ended) -> int:
+    def _remaining(self, direction: int, index: int, ended) -> int:
         """Slices still to come in this run if no object ends early (for progress)."""
         tracked = {o: set(obj.direction) for o, obj in self._objects.items()}
-        seen = set(emitted)
+        seen = {(o, k) for o, obj in self._objects.items() for k in obj.delivered}
         count = 0
         for d in (UP, DOWN):
             if d == UP and direction == DOWN:
@@ -621,7 +616,7 @@ class VolumeTracker:
             if d == direction:
                 # Walks under way continue from the next slice.
                 for o in self._objects:
-                    if o not in ended and index in tracked[o] and (o, index) in emitted:
+                    if o not in ended and (o, index) in seen and index in tracked[o]:
                         nxt = index + d
                         if 0 <= nxt < self.num_slices and nxt not in tracked[o]:
                             starts[o] = sorted(set(starts[o]) | {nxt}, reverse=d == DOWN)
