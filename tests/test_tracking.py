@@ -269,3 +269,22 @@ def test_bad_prompts_say_what_to_do():
     with pytest.raises(ValueError, match="clear=True"):
         tracker.add_prompt(2, 1, box=np.array([1, 1, 8, 8]), clear=False)
     assert tracker.object_ids == ()  # nothing half-made stays behind
+
+
+def test_fill_hole_area_fills_small_holes_in_results():
+    vol = _volume()
+    vol[:, 12, 8] = 0  # one pixel that the fake's 8 x 8 masks see as a one-cell hole
+    plain, _, _ = _tracker(vol)
+    filled, _, _ = _tracker(vol, fill_hole_area=1)
+    for tracker in (plain, filled):
+        tracker.add_prompt(5, 1, **CLICK)
+        tracker.track()
+    for index in (2, 5, 9):
+        assert not plain.result(index).masks[0][12, 8]
+        assert filled.result(index).masks[0][12, 8]
+        outside = np.ones((H, W), bool)
+        outside[10:15, 6:11] = False
+        same = plain.result(index).masks[0][outside] == filled.result(index).masks[0][outside]
+        assert same.all()
+    step = filled.result(5)
+    assert list(step.masks_by_id()) == [1] and step.masks_by_id()[1].shape == (H, W)

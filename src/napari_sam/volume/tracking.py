@@ -106,6 +106,10 @@ class TrackStep:
         """Boolean masks, shape (n_objects, H, W)."""
         return self.logits > 0
 
+    def masks_by_id(self) -> dict[int, np.ndarray]:
+        """``{obj_id: boolean H x W mask}`` (the form ``VolumeSession`` writes)."""
+        return {o: m for o, m in zip(self.obj_ids, self.masks)}
+
     def label_image(self, dtype=np.uint16) -> np.ndarray:
         """One label image ``H x W``: each pixel takes the id of the object with the highest
         positive logit there, 0 where none."""
