@@ -173,6 +173,10 @@ def test_stop_after_empty_slices():
     assert not steps[-1].masks.any()
     assert steps[-1].done == steps[-1].total == 10
     assert tracker.result(0).obj_ids == ()  # never reached
+    # A walk that starts next to the object's end stops after stop_after slices as well.
+    edge, _, _ = _tracker(_volume(first=3, last=8), stop_after=2)
+    edge.add_prompt(3, 1, **CLICK)
+    assert [s.slice for s in edge.track_iter()] == [3, 4, 5, 6, 7, 8, 9, 10, 2, 1]
     with pytest.raises(ValueError, match="stop_after"):
         _tracker(_volume(), stop_after=0)
 

@@ -149,6 +149,9 @@ class _Object:
 class VolumeTracker:
     """Prompts on slices of a volume, tracked through it with a SAM 2 model.
 
+    Not thread-safe: add prompts and run walks from one thread (a worker may run
+    :meth:`track_iter` while the caller only reads the steps it yields).
+
     Parameters
     ----------
     model : Sam2
@@ -259,7 +262,6 @@ class VolumeTracker:
         index = self._check_slice(slice)
         obj = self._objects.get(int(obj_id), _Object())
         prompt = self._prompt_inputs(obj, index, points, labels, box, mask, clear)
-        self._objects[int(obj_id)] = obj
         tracked = obj.direction.get(index)
         is_init = tracked is None
         is_cond = is_init or self.corrections_as_conditioning
@@ -285,6 +287,7 @@ class VolumeTracker:
             run_mem_encoder=False,
             prev_sam_mask_logits=prev_logits,
         )
+        self._objects[int(obj_id)] = obj
         obj.prompts[index] = prompt
         obj.pending[index] = (is_cond, self._compact(out, memory=False))
         obj.delivered.discard(index)
@@ -318,6 +321,8 @@ class VolumeTracker:
                 updated = []
                 for obj_id, start in work:
                     obj = self._objects[obj_id]
+                    if index == start:
+                        obj.absent_run = 0
                     if index in obj.delivered:
                         continue  # a prompted slice whose answer is out already
                     obj.starts[direction].discard(start)
@@ -560,7 +565,7 @@ class VolumeTracker:
         absent = float(out["object_score_logits"].max()) < self.score_threshold or not bool(
             (self._filled(out["pred_masks"]) > 0).any()
         )
-        obj.absent_run = (obj.absent_run if index != start else 0) + 1 if absent else 0
+        obj.absent_run = obj.absent_run + 1 if absent else 0
         return obj.absent_run >= self.stop_after
 
     # -- walks --------------------------------------------------------------------------------
