@@ -17,11 +17,13 @@ several at once, sharing each slice's image features.
 Memory bound: the tracking state lives on the CPU (the model's device keeps only the small
 object pointers). Per object and slice it holds the ``S/4 x S/4`` float32 mask logits (256 KiB at
 ``S = 1024``, 64 KiB at ``S = 512``); the large memory features (``64 x S/16 x S/16`` bfloat16,
-512 KiB at ``S = 1024``) are kept only for conditioning slices and for the frame window the next
-slice will read; a correction re-encodes the window it needs (at most ``num_maskmem - 1``
-memory-encoder runs). Image features come from a :class:`~napari_sam.volume.sam2_features.
-FeatureCache` (memory LRU plus an optional disk store), so only its ``max_memory_slices`` slices
-of features are in memory at any time.
+512 KiB at ``S = 1024``) are kept only for conditioning slices, for the frame window the next
+slice will read, and for the window the first slice of each pending walk will read (so the walk
+down from a prompt does not re-encode the slices just tracked up): at most
+``num_maskmem - 1`` slices per walk under way or pending. A correction re-encodes the window it
+needs (at most ``num_maskmem - 1`` memory-encoder runs). Image features come from a
+:class:`~napari_sam.volume.sam2_features.FeatureCache` (memory LRU plus an optional disk store),
+so only its ``max_memory_slices`` slices of features are in memory at any time.
 
 This mirrors ``sam2.sam2_video_predictor.SAM2VideoPredictor`` (``init_state``,
 ``add_new_points_or_box``, ``add_new_mask``, ``propagate_in_video`` forward then in reverse) closely
@@ -518,20 +520,30 @@ class VolumeTracker:
             if out is not None and out["maskmem_features"] is None:
                 self._encode_memory(k, out, from_prompt=False)
 
+    def _pinned(self, obj: _Object) -> set[int]:
+        """Slices whose memory the first step of a pending walk reads."""
+        keep = set()
+        for d, starts in obj.starts.items():
+            for start in starts:
+                keep.update(self._window(start + d, d == DOWN))
+        return keep
+
     def _keep_window(self, obj: _Object, next_index: int, reverse: bool) -> None:
         if self.keep_all_memories:
             return
-        keep = set(self._window(next_index, reverse))
+        keep = set(self._window(next_index, reverse)) | self._pinned(obj)
         for k, out in obj.noncond.items():
             if k not in keep and k not in obj.prompts and out["maskmem_features"] is not None:
                 out["maskmem_features"] = None
 
     def _evict_all(self) -> None:
+        """Between walks: drop every memory but those the pending walks read first."""
         if self.keep_all_memories:
             return
         for obj in self._objects.values():
+            keep = self._pinned(obj)
             for k, out in obj.noncond.items():
-                if k not in obj.prompts:
+                if k not in keep and k not in obj.prompts:
                     out["maskmem_features"] = None
 
     @torch.no_grad()
