@@ -157,8 +157,7 @@ class VolumeTracker:
     Parameters
     ----------
     model : Sam2
-        A SAM 2 model (``SAM2Base`` interface), in eval mode. Its
-        ``binarize_mask_from_pts_for_mem_enc`` should be True, as SAM 2's video builder sets it.
+        A SAM 2 model (``SAM2Base`` interface), in eval mode.
     features : FeatureSource
         Per-slice image features, e.g. ``FeatureCache(model, volume, axis=...)``; its
         ``num_slices`` and ``slice_shape`` define the volume.
@@ -181,6 +180,10 @@ class VolumeTracker:
     keep_all_memories : bool
         Keep the memory features of every tracked slice (faster corrections, 512 KiB per slice
         and object at ``S = 1024``) instead of only the window.
+    binarize_prompt_masks : bool
+        Remember a prompted slice by its thresholded mask, exactly what the user sees (True,
+        SAM 2's video predictor), rather than by its soft probabilities. Whatever the model's
+        own ``binarize_mask_from_pts_for_mem_enc`` says.
     """
 
     def __init__(
@@ -194,6 +197,7 @@ class VolumeTracker:
         fill_hole_area: int = 0,
         corrections_as_conditioning: bool = True,
         keep_all_memories: bool = False,
+        binarize_prompt_masks: bool = True,
     ) -> None:
         if stop_after is not None and stop_after < 1:
             raise ValueError(f"stop_after must be None or >= 1, got {stop_after}")
@@ -208,6 +212,7 @@ class VolumeTracker:
         self.fill_hole_area = int(fill_hole_area)
         self.corrections_as_conditioning = bool(corrections_as_conditioning)
         self.keep_all_memories = bool(keep_all_memories)
+        self.binarize_prompt_masks = bool(binarize_prompt_masks)
         self._objects: dict[int, _Object] = {}
         self._maskmem_pos_enc: list[torch.Tensor] | None = None
 
@@ -476,6 +481,10 @@ class VolumeTracker:
             mode="bilinear",
             align_corners=False,
         )
+        if from_prompt and self.binarize_prompt_masks:
+            # Saturated logits: the model's sigmoid turns them into exactly 0 and 1, the same
+            # as its own binarisation would, so the model's setting does not matter.
+            high_res = torch.where(high_res > 0, 1e4, -1e4)
         maskmem, pos_enc = self.model._encode_new_memory(
             current_vision_feats=feats,
             feat_sizes=sizes,
