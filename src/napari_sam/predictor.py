@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from napari_sam.transforms import ResizeLongestSide, transform_for
 
@@ -112,12 +113,38 @@ def encode_image(model, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int
 
 
 def check_prompts(
-    point_coords, point_labels, box, mask_input, image_size: tuple[int, int], low_res_side: int
-):
-    """Validate one prompt set against an image of ``image_size`` ``(H, W)``.
+    point_coords: ArrayLike | None,
+    point_labels: ArrayLike | None,
+    box: ArrayLike | None,
+    mask_input: ArrayLike | None,
+    image_size: tuple[int, int],
+    low_res_side: int,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Validate one prompt set against an image.
 
-    Returns ``(coords Nx2 float64 | None, labels (N,) | None, box 1x4 float64 | None,
-    mask 1xLxL float32 | None)``; raises ValueError with what to do on bad input.
+    Parameters
+    ----------
+    point_coords : array_like, shape (N, 2), optional
+        ``(x, y)`` pixels.
+    point_labels : array_like, shape (N,), optional
+    box : array_like, shape (4,), optional
+    mask_input : array_like, shape (1, L, L) or (L, L), optional
+    image_size : (int, int)
+        ``(H, W)`` the points and box must lie in.
+    low_res_side : int
+        ``L``, the side of a mask input.
+
+    Returns
+    -------
+    coords : ndarray, shape (N, 2), float64, or None
+    labels : ndarray, shape (N,), or None
+    box : ndarray, shape (1, 4), float64, or None
+    mask : ndarray, shape (1, L, L), float32, or None
+
+    Raises
+    ------
+    ValueError
+        Saying what to change, for any bad prompt or none at all.
     """
     h, w = image_size
     coords = labels = boxes = masks = None
@@ -306,7 +333,13 @@ class SamPredictor:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def _check_prompts(self, point_coords, point_labels, box, mask_input):
+    def _check_prompts(
+        self,
+        point_coords: ArrayLike | None,
+        point_labels: ArrayLike | None,
+        box: ArrayLike | None,
+        mask_input: ArrayLike | None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         return check_prompts(
             point_coords, point_labels, box, mask_input, self.original_size, self._low_res_size
         )

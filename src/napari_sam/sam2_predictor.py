@@ -40,7 +40,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Features = dict[str, list[torch.Tensor]]
 
 
-def _normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     # A model trained with other statistics (a fine-tune) declares them; SAM 2 uses ImageNet's.
     return (
         tuple(getattr(model, "image_mean", IMAGENET_MEAN)),
@@ -54,7 +54,15 @@ def preprocess(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """SAM 2's encoder input for one ``H x W x 3`` uint8 image.
+    """Make SAM 2's encoder input from one ``H x W x 3`` uint8 image.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (H, W, 3), uint8
+    image_size : int
+        Side ``S`` of the model's square input.
+    mean, std : tuple of 3 floats
+        Channel statistics on the [0, 1] scale (ImageNet's by default).
 
     Returns
     -------
@@ -78,8 +86,13 @@ def preprocess(
 
 
 @torch.no_grad()
-def compute_features(model, rgb: np.ndarray) -> Features:
-    """Image features of one ``H x W x 3`` uint8 slice: the model's ``forward_image`` output.
+def compute_features(model: torch.nn.Module, rgb: np.ndarray) -> Features:
+    """Encode one ``H x W x 3`` uint8 slice: the model's ``forward_image`` output.
+
+    Parameters
+    ----------
+    model : Sam2
+    rgb : ndarray, shape (H, W, 3), uint8
 
     Returns
     -------
@@ -166,7 +179,7 @@ class Sam2ImagePredictor:
 
     def __init__(
         self,
-        model,
+        model: torch.nn.Module,
         to_uint8: ToUint8 | None = None,
         mask_threshold: float = 0.0,
         max_hole_area: float = 0.0,
@@ -181,6 +194,7 @@ class Sam2ImagePredictor:
 
     @property
     def device(self) -> torch.device:
+        """The model's device."""
         return self.model.device
 
     @property
@@ -231,7 +245,7 @@ class Sam2ImagePredictor:
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:
-        """The current image's embedding, ``1 x 256 x S/16 x S/16``."""
+        """Return the current image's embedding, ``1 x 256 x S/16 x S/16``."""
         self._require_image()
         return self._features["image_embed"]
 
@@ -313,7 +327,13 @@ class Sam2ImagePredictor:
         )
 
     @torch.no_grad()
-    def _predict(self, points, mask_input, multimask_output: bool, return_logits: bool):
+    def _predict(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+        return_logits: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sparse, dense = self.model.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
         low_res, iou, _, _ = self.model.sam_mask_decoder(
             image_embeddings=self._features["image_embed"],

@@ -18,6 +18,8 @@ Sizes per slice in float32 (``S`` = the model's ``image_size``): ``32 (S/4)^2 + 
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -47,7 +49,14 @@ class FeatureCache(EmbeddingCache):
     do not modify it: it is the cached object).
     """
 
-    def __init__(self, model, volume: np.ndarray, *, max_memory_slices: int = 8, **kwargs):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        volume: np.ndarray,
+        *,
+        max_memory_slices: int = 8,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("encode_fn") is None:
             from napari_sam.sam2_predictor import compute_features
 
@@ -62,6 +71,7 @@ class FeatureCache(EmbeddingCache):
         return 4 * (32 * (s // 4) ** 2 + 64 * (s // 8) ** 2 + 256 * (s // 16) ** 2)
 
     def key(self) -> dict:
+        """Return the full cache key: :class:`EmbeddingCache`'s, naming SAM 2 features."""
         with self._lock:
             if self._key is None:
                 key = super().key()
@@ -102,7 +112,7 @@ class FeatureCache(EmbeddingCache):
         except OSError:
             pass  # without it, the next session recomputes one slice to get the encodings
 
-    def _read_levels(self, path) -> list[np.ndarray]:
+    def _read_levels(self, path: Path) -> list[np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             levels = []
             while f"level_{len(levels)}" in data:
@@ -151,7 +161,7 @@ class FeatureCache(EmbeddingCache):
             for i, t in enumerate(entry["backbone_fpn"])
         }
 
-        def write(f):
+        def write(f: BinaryIO) -> None:
             np.savez(f, original_size=np.array(self.slice_shape, dtype=np.int64), **arrays)
 
         try:

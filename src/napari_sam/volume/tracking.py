@@ -33,14 +33,18 @@ enough to give the same masks; the model is only called through ``SAM2Base``'s m
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 
+from napari_sam.intensity import Window
 from napari_sam.predictor import check_prompts
 from napari_sam.sam2_predictor import fill_small_regions
 from napari_sam.volume.embeddings import Cancel, _is_cancelled
@@ -61,8 +65,11 @@ class FeatureSource(Protocol):
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt for one object on one slice (coordinates are ``(x, y)`` = (column, row) pixels
-    of the slice; ``mask`` is a boolean ``H x W`` array)."""
+    """A prompt for one object on one slice.
+
+    Coordinates are ``(x, y)`` = (column, row) pixels of the slice; ``mask`` is a boolean
+    ``H x W`` array.
+    """
 
     slice: int
     obj_id: int = 1
@@ -112,9 +119,12 @@ class TrackStep:
         """``{obj_id: boolean H x W mask}`` (the form ``VolumeSession`` writes)."""
         return {o: m for o, m in zip(self.obj_ids, self.masks)}
 
-    def label_image(self, dtype=np.uint16) -> np.ndarray:
-        """One label image ``H x W``: each pixel takes the id of the object with the highest
-        positive logit there, 0 where none."""
+    def label_image(self, dtype: npt.DTypeLike = np.uint16) -> np.ndarray:
+        """Merge the objects into one label image ``H x W``.
+
+        Each pixel takes the id of the object with the highest positive logit there, 0 where
+        there is none.
+        """
         labels = np.zeros(self.logits.shape[1:], dtype=dtype)
         if not self.obj_ids:
             return labels
@@ -188,7 +198,7 @@ class VolumeTracker:
 
     def __init__(
         self,
-        model,
+        model: torch.nn.Module,
         features: FeatureSource,
         *,
         stop_after: int | None = None,
@@ -220,6 +230,7 @@ class VolumeTracker:
 
     @property
     def object_ids(self) -> tuple[int, ...]:
+        """Ids of the objects with prompts, in the order they were first prompted."""
         return tuple(self._objects)
 
     def tracked_slices(self, obj_id: int) -> list[int]:
@@ -364,7 +375,10 @@ class VolumeTracker:
         return count
 
     def result(self, slice: int) -> TrackStep:
-        """Current logits of every object with a result on ``slice`` (``direction`` 0)."""
+        """Return the current logits of every object with a result on ``slice``.
+
+        ``direction``, ``done`` and ``total`` of the returned step are 0.
+        """
         return self._step(self._check_slice(slice), 0, (), 0, 0)
 
     def remove_object(self, obj_id: int) -> None:
@@ -393,7 +407,16 @@ class VolumeTracker:
                 f"no object {obj_id}; objects with prompts: {list(self._objects)}"
             ) from None
 
-    def _prompt_inputs(self, obj, index, points, labels, box, mask, clear) -> dict:
+    def _prompt_inputs(
+        self,
+        obj: _Object,
+        index: int,
+        points: ArrayLike | None,
+        labels: ArrayLike | None,
+        box: ArrayLike | None,
+        mask: ArrayLike | None,
+        clear: bool,
+    ) -> dict:
         h, w = self.slice_shape
         s = self.image_size
         if mask is not None:
@@ -440,7 +463,9 @@ class VolumeTracker:
 
     # -- model calls --------------------------------------------------------------------------
 
-    def _slice_features(self, index: int):
+    def _slice_features(
+        self, index: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
         backbone = self.features.get(index)
         _, feats, pos, sizes = self.model._prepare_backbone_features(
             {
@@ -557,7 +582,7 @@ class VolumeTracker:
 
     @torch.no_grad()
     def _track_slice(self, obj: _Object, index: int, start: int, direction: int) -> bool:
-        """Result of one object on one slice; True when the object's walk ends here."""
+        """Track one object on one slice; return True when the object's walk ends here."""
         out = obj.cond.get(index)
         if out is None and index == start and index in obj.prompts:
             out = obj.noncond.get(index)  # a correction that is not a conditioning slice
@@ -605,10 +630,12 @@ class VolumeTracker:
         tracked: dict[int, Any],
         ended: set[int],
     ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-        """The slices of one walk direction and, for each, the ``(object, walk start)`` pairs
-        to compute there. A walk runs from its start until a slice that already has a result
-        (other than its start), the volume's end, or an early stop (the caller puts the object
-        in ``ended``). ``tracked`` must reflect results as they are made."""
+        """Yield the slices of one walk direction with the ``(object, walk start)`` pairs due.
+
+        A walk runs from its start until a slice that already has a result (other than its
+        start), the volume's end, or an early stop (the caller puts the object in ``ended``).
+        ``tracked`` must reflect results as they are made.
+        """
         queued = {o: list(s) for o, s in starts.items() if s}
         if not queued:
             return
@@ -634,7 +661,7 @@ class VolumeTracker:
                 return
             k += direction
 
-    def _remaining(self, direction: int, index: int, ended) -> int:
+    def _remaining(self, direction: int, index: int, ended: set[int]) -> int:
         """Slices still to come in this run if no object ends early (for progress)."""
         tracked = {o: set(obj.direction) for o, obj in self._objects.items()}
         seen = {(o, k) for o, obj in self._objects.items() for k in obj.delivered}
@@ -669,7 +696,9 @@ class VolumeTracker:
             self._filled(logits), size=self.slice_shape, mode="bilinear", align_corners=False
         )
 
-    def _step(self, index, direction, updated, done, total) -> TrackStep:
+    def _step(
+        self, index: int, direction: int, updated: tuple[int, ...], done: int, total: int
+    ) -> TrackStep:
         ids, logits, scores = [], [], []
         for o, obj in self._objects.items():
             out = obj.output(index)
@@ -700,16 +729,16 @@ class VolumeTracker:
 
 
 def track_volume(
-    model,
+    model: torch.nn.Module,
     volume: np.ndarray,
     prompts: Iterable[Prompt],
     *,
     axis: int = 0,
-    window=None,
+    window: Window | None = None,
     features: FeatureSource | None = None,
-    cache_dir=None,
+    cache_dir: str | os.PathLike | None = None,
     cancel: Cancel = None,
-    **options,
+    **options: Any,
 ) -> Iterator[TrackStep]:
     """Track prompts through a volume: a one-call front end to :class:`VolumeTracker`.
 
