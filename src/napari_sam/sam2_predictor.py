@@ -19,6 +19,8 @@ The model is only called through the method names of SAM 2's ``SAM2Base`` (``for
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Sam2ImagePredictor",
+    "Sam2Model",
     "compute_features",
     "fill_small_regions",
     "preprocess",
@@ -40,7 +43,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Features = dict[str, list[torch.Tensor]]
 
 
-def _normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+class Sam2Model(Protocol):
+    """What this package calls on a SAM 2 model (``SAM2Base``'s names and signatures).
+
+    ``napari_sam.models.sam2.Sam2`` provides it, and so does Meta's ``SAM2Base``.
+    """
+
+    image_size: int
+    num_maskmem: int
+    directly_add_no_mem_embed: bool
+    no_mem_embed: torch.Tensor
+    sam_prompt_encoder: Any
+    sam_mask_decoder: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def forward_image(self, img_batch: torch.Tensor) -> dict[str, Any]: ...
+
+    def _prepare_backbone_features(self, backbone_out: dict[str, Any]) -> tuple: ...
+
+    def track_step(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def _encode_new_memory(self, *args: Any, **kwargs: Any) -> tuple: ...
+
+
+def _normalisation(model: Sam2Model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     # A model trained with other statistics (a fine-tune) declares them; SAM 2 uses ImageNet's.
     return (
         tuple(getattr(model, "image_mean", IMAGENET_MEAN)),
@@ -86,7 +114,7 @@ def preprocess(
 
 
 @torch.no_grad()
-def compute_features(model: torch.nn.Module, rgb: np.ndarray) -> Features:
+def compute_features(model: Sam2Model, rgb: np.ndarray) -> Features:
     """Encode one ``H x W x 3`` uint8 slice: the model's ``forward_image`` output.
 
     Parameters
@@ -164,7 +192,7 @@ class Sam2ImagePredictor:
 
     Parameters
     ----------
-    model : Sam2
+    model : Sam2Model
         A SAM 2 model (``SAM2Base`` interface).
     to_uint8 : callable, optional
         Converts the images given to :meth:`set_image` into ``H x W x 3`` uint8 RGB; default
@@ -177,9 +205,12 @@ class Sam2ImagePredictor:
         ``S/4`` low-resolution masks, before resizing (:func:`fill_small_regions`); 0 = off.
     """
 
+    _features: dict[str, Any] | None
+    original_size: tuple[int, int] | None
+
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Sam2Model,
         to_uint8: ToUint8 | None = None,
         mask_threshold: float = 0.0,
         max_hole_area: float = 0.0,
@@ -246,8 +277,8 @@ class Sam2ImagePredictor:
 
     def get_image_embedding(self) -> torch.Tensor:
         """Return the current image's embedding, ``1 x 256 x S/16 x S/16``."""
-        self._require_image()
-        return self._features["image_embed"]
+        features, _ = self._require_image()
+        return features["image_embed"]
 
     def reset_predictor(self) -> None:
         """Forget the current image."""
@@ -255,9 +286,10 @@ class Sam2ImagePredictor:
         self._features = None
         self.original_size = None
 
-    def _require_image(self) -> None:
-        if not self.is_image_set:
+    def _require_image(self) -> tuple[dict[str, Any], tuple[int, int]]:
+        if not self.is_image_set or self._features is None or self.original_size is None:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        return self._features, self.original_size
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -296,8 +328,8 @@ class Sam2ImagePredictor:
         iou_predictions : ndarray, shape (C,)
         low_res_logits : ndarray, shape (C, L, L), clipped to [-32, 32]
         """
-        self._require_image()
-        frame = self.original_size if normalize_coords else (1, 1)
+        _, original = self._require_image()
+        frame = original if normalize_coords else (1, 1)
         coords, labels, boxes, masks = check_prompts(
             point_coords, point_labels, box, mask_input, frame, self._low_res_size
         )
@@ -334,21 +366,22 @@ class Sam2ImagePredictor:
         multimask_output: bool,
         return_logits: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features, size = self._require_image()
         sparse, dense = self.model.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
         low_res, iou, _, _ = self.model.sam_mask_decoder(
-            image_embeddings=self._features["image_embed"],
+            image_embeddings=features["image_embed"],
             image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=bool(multimask_output),
             repeat_image=False,
-            high_res_features=self._features["high_res_feats"],
+            high_res_features=features["high_res_feats"],
         )
         low_res = low_res.float()
         filled = fill_small_regions(
             low_res, self.max_hole_area, self.max_sprinkle_area, self.mask_threshold
         )
-        masks = F.interpolate(filled, self.original_size, mode="bilinear", align_corners=False)
+        masks = F.interpolate(filled, size, mode="bilinear", align_corners=False)
         if not return_logits:
             masks = masks > self.mask_threshold
         return masks, iou, torch.clamp(low_res, -32.0, 32.0)

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from napari_sam.sam2_predictor import Sam2Model
 from napari_sam.volume.embeddings import EmbeddingCache, _atomic_write
 
 __all__ = ["FeatureCache", "SliceFeatures"]
@@ -51,7 +52,7 @@ class FeatureCache(EmbeddingCache):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Sam2Model,
         volume: np.ndarray,
         *,
         max_memory_slices: int = 8,
@@ -61,8 +62,22 @@ class FeatureCache(EmbeddingCache):
             from napari_sam.sam2_predictor import compute_features
 
             kwargs["encode_fn"] = compute_features
+        # Entries are SliceFeatures dicts here, not the base class's (embedding, sizes) tuples:
+        # the base class stores and returns whatever _compute/_load make.
         super().__init__(model, volume, max_memory_slices=max_memory_slices, **kwargs)
+        self._encode_features: Any = kwargs["encode_fn"]
         self._positions: list[torch.Tensor] | None = None
+
+    def get(self, index: int) -> SliceFeatures:  # type: ignore[override]
+        """Return the features of slice ``index``, computed or loaded on first need.
+
+        Returns
+        -------
+        dict
+            ``{"backbone_fpn": [...], "vision_pos_enc": [...]}``, batch 1, on the model's
+            device (the cached object: read it, do not modify it).
+        """
+        return super().get(index)  # type: ignore[return-value]
 
     @property
     def bytes_per_slice(self) -> int:
@@ -77,11 +92,12 @@ class FeatureCache(EmbeddingCache):
                 key = super().key()
                 key["model"]["image_size"] = int(self.model.image_size)
                 key["content"] = "sam2_forward_image"
-            return self._key
+            return super().key()
 
     # -- entries ------------------------------------------------------------------------------
 
     def _entry(self, levels: list[torch.Tensor]) -> SliceFeatures:
+        assert self._positions is not None
         return {"backbone_fpn": levels, "vision_pos_enc": list(self._positions)}
 
     def _round(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -90,8 +106,8 @@ class FeatureCache(EmbeddingCache):
         tensor = tensor.detach().float()
         return tensor.half().float() if self.cache_dir is not None else tensor
 
-    def _compute(self, index: int) -> SliceFeatures:
-        out = self._encode(self.model, self.slice_image(index))
+    def _compute(self, index: int) -> SliceFeatures:  # type: ignore[override]
+        out = self._encode_features(self.model, self.slice_image(index))
         levels = [self._round(t) for t in out["backbone_fpn"]]
         with self._lock:
             if self._positions is None:
@@ -106,7 +122,10 @@ class FeatureCache(EmbeddingCache):
     # -- disk store ---------------------------------------------------------------------------
 
     def _save_positions(self) -> None:
-        arrays = {f"level_{i}": t.cpu().half().numpy() for i, t in enumerate(self._positions)}
+        assert self._positions is not None
+        arrays: dict[str, Any] = {
+            f"level_{i}": t.cpu().half().numpy() for i, t in enumerate(self._positions)
+        }
         try:
             _atomic_write(self._open_store() / POSITIONS, lambda f: np.savez(f, **arrays))
         except OSError:
@@ -114,7 +133,7 @@ class FeatureCache(EmbeddingCache):
 
     def _read_levels(self, path: Path) -> list[np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
-            levels = []
+            levels: list[np.ndarray] = []
             while f"level_{len(levels)}" in data:
                 levels.append(data[f"level_{len(levels)}"])
             original = data["original_size"] if "original_size" in data else None
@@ -135,7 +154,7 @@ class FeatureCache(EmbeddingCache):
         self._positions = [torch.from_numpy(a.astype(np.float32)).to(device) for a in arrays]
         return True
 
-    def _load(self, index: int) -> SliceFeatures | None:
+    def _load(self, index: int) -> SliceFeatures | None:  # type: ignore[override]
         if self.cache_dir is None:
             return None
         path = self._slice_path(index)
@@ -143,6 +162,7 @@ class FeatureCache(EmbeddingCache):
             if not path.is_file() or not self._load_positions():
                 return None
             # A level has the spatial size of its positional encoding.
+            assert self._positions is not None
             expected = [(1, -1, *p.shape[-2:]) for p in self._positions]
         try:
             arrays = self._read_levels(path)
@@ -155,8 +175,8 @@ class FeatureCache(EmbeddingCache):
         device = self._device()
         return self._entry([torch.from_numpy(a.astype(np.float32)).to(device) for a in arrays])
 
-    def _save(self, index: int, entry: SliceFeatures) -> None:
-        arrays = {
+    def _save(self, index: int, entry: SliceFeatures) -> None:  # type: ignore[override]
+        arrays: dict[str, Any] = {
             f"level_{i}": t.detach().cpu().half().numpy()
             for i, t in enumerate(entry["backbone_fpn"])
         }

@@ -46,7 +46,7 @@ from numpy.typing import ArrayLike
 
 from napari_sam.intensity import Window
 from napari_sam.predictor import check_prompts
-from napari_sam.sam2_predictor import fill_small_regions
+from napari_sam.sam2_predictor import Sam2Model, fill_small_regions
 from napari_sam.volume.embeddings import Cancel, _is_cancelled
 
 __all__ = ["Prompt", "TrackStep", "VolumeTracker", "track_volume"]
@@ -198,7 +198,7 @@ class VolumeTracker:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Sam2Model,
         features: FeatureSource,
         *,
         stop_after: int | None = None,
@@ -313,6 +313,7 @@ class VolumeTracker:
             obj.starts[UP].add(index)
             obj.starts[DOWN].add(index)
         else:
+            assert tracked is not None
             self._invalidate_after(obj, index, tracked)
             obj.starts[tracked].add(index)
         return self._full_res(obj.pending[index][1]["pred_masks"])[0, 0].cpu().numpy()
@@ -729,7 +730,7 @@ class VolumeTracker:
 
 
 def track_volume(
-    model: torch.nn.Module,
+    model: Sam2Model,
     volume: np.ndarray,
     prompts: Iterable[Prompt],
     *,
@@ -764,8 +765,12 @@ def track_volume(
     if features is None:
         from napari_sam.volume.sam2_features import FeatureCache
 
-        features = FeatureCache(model, volume, axis=axis, window=window, cache_dir=cache_dir)
-    tracker = VolumeTracker(model, features, **options)
+        source: FeatureSource = FeatureCache(
+            model, volume, axis=axis, window=window, cache_dir=cache_dir
+        )
+    else:
+        source = features
+    tracker = VolumeTracker(model, source, **options)
     for p in prompts:
         tracker.add_prompt(
             p.slice, p.obj_id, points=p.points, labels=p.labels, box=p.box, mask=p.mask
