@@ -64,6 +64,7 @@ class FakeSam2:
         prev_sam_mask_logits=None,
     ):
         self.calls.append((frame_idx, is_init_cond_frame, track_in_reverse))
+        self.points = None if point_inputs is None else point_inputs["point_labels"].tolist()
         cond, noncond = output_dict["cond_frame_outputs"], output_dict["non_cond_frame_outputs"]
         if not is_init_cond_frame:
             assert cond, "tracking needs a conditioning slice"
@@ -150,6 +151,23 @@ def test_correction_retracks_only_downstream():
     assert model.calls == [(2, False, True)]
     assert [s.slice for s in tracker.track_iter()] == [2, 1, 0]
     assert model.computed()[1:] == [1, 0]
+
+
+def test_correction_without_conditioning_and_added_points():
+    tracker, model, _ = _tracker(_volume(), corrections_as_conditioning=False)
+    tracker.add_prompt(5, 1, **CLICK)
+    tracker.add_prompt(5, 1, points=np.array([[2.0, 2.0]]), labels=np.array([0]), clear=False)
+    assert model.points == [[1, 0]]  # the earlier click is kept
+    tracker.add_prompt(5, 1, box=np.array([4, 6, 12, 18]))
+    assert model.points == [[2, 3]]  # a box replaces the clicks: two corner points
+    tracker.track()
+    model.calls.clear()
+    tracker.add_prompt(8, 1, **CLICK)
+    steps = list(tracker.track_iter())
+    assert [s.slice for s in steps] == [8, 9, 10, 11]
+    assert model.computed() == [8, 9, 10, 11]  # the correction itself is not redone
+    obj = tracker._objects[1]
+    assert 8 in obj.noncond and 8 not in obj.cond  # remembered only as a recent slice
 
 
 def test_correction_stops_at_the_next_prompted_slice():
@@ -276,6 +294,8 @@ def test_bad_prompts_say_what_to_do():
     with pytest.raises(ValueError, match="clear=True"):
         tracker.add_prompt(2, 1, box=np.array([1, 1, 8, 8]), clear=False)
     assert tracker.object_ids == ()  # nothing half-made stays behind
+    with pytest.raises(ValueError, match="Nothing to track"):
+        tracker.track()
 
 
 def test_fill_hole_area_fills_small_holes_in_results():

@@ -29,6 +29,17 @@ This mirrors ``sam2.sam2_video_predictor.SAM2VideoPredictor`` (``init_state``,
 ``add_new_points_or_box``, ``add_new_mask``, ``propagate_in_video`` forward then in reverse) closely
 enough to give the same masks; the model is only called through ``SAM2Base``'s methods
 (``_prepare_backbone_features``, ``track_step``, ``_encode_new_memory``).
+
+Example
+-------
+>>> model = napari_sam.load_model("sam2.1_hiera_tiny")                      # doctest: +SKIP
+>>> features = FeatureCache(model, ct, axis=0, window=make_window(ct, "abdomen"))
+>>> tracker = VolumeTracker(model, features, stop_after=3)
+>>> tracker.add_prompt(120, obj_id=1, points=[[256, 300]], labels=[1])     # the liver
+>>> for step in tracker.track_iter():                  # up from slice 120, then down
+...     labels[step.slice] = step.label_image()       # step.done / step.total: progress
+>>> tracker.add_prompt(140, obj_id=1, points=[[250, 310], [90, 80]], labels=[1, 0])
+>>> tracker.track()            # re-tracks 141 and up only: 140 was reached walking up
 """
 
 from __future__ import annotations
@@ -325,6 +336,8 @@ class VolumeTracker:
         ``cancel`` (a ``threading.Event`` or a callable returning True), checked before each
         slice; the unfinished walks resume at the next call.
         """
+        if not self._objects:
+            raise ValueError("Nothing to track: prompt an object on a slice first (add_prompt)")
         self._encode_pending()
         done = 0
         for direction in (UP, DOWN):
