@@ -33,7 +33,7 @@ enough to give the same masks; the model is only called through ``SAM2Base``'s m
 Example
 -------
 >>> model = napari_sam.load_model("sam2.1_hiera_tiny")                      # doctest: +SKIP
->>> features = FeatureCache(model, ct, axis=0, window=make_window(ct, "abdomen"))
+>>> features = FeatureCache(model, ct, axis=0, window=make_window(ct, "liver"))
 >>> tracker = VolumeTracker(model, features, stop_after=3)
 >>> tracker.add_prompt(120, obj_id=1, points=[[256, 300]], labels=[1])     # the liver
 >>> for step in tracker.track_iter():                  # up from slice 120, then down
