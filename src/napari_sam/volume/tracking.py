@@ -373,8 +373,10 @@ class VolumeTracker:
                     # Closed by the caller: the walks under way resume after this slice.
                     nxt = index + direction
                     for obj_id in updated:
+                        obj = self._objects[obj_id]
                         if obj_id not in ended and 0 <= nxt < self.num_slices:
-                            self._objects[obj_id].starts[direction].add(nxt)
+                            if nxt not in obj.direction:  # else that walk ends there anyway
+                                obj.starts[direction].add(nxt)
                     self._evict_all()
                     raise
             for obj in self._objects.values():
