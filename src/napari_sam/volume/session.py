@@ -484,13 +484,7 @@ class VolumeSession:
         )
         best = int(np.argmax(scores))
         result = SliceResult(
-            index,
-            None,
-            masks[best],
-            float(scores[best]),
-            logits[best][None],
-            masks,
-            scores,
+            index, None, masks[best], float(scores[best]), logits[best][None], masks, scores,
             logits,
         )
         self.last_result = result
@@ -558,9 +552,8 @@ class VolumeSession:
         result = result if result is not None else self.last_result
         if result is None:
             raise ValueError("nothing to commit: preview a slice first (preview/segment_slice)")
-        return self.add_mask(
-            result.index, result.mask, label_id=label_id, mode=mode, replace=replace
-        )
+        return self.add_mask(result.index, result.mask, label_id=label_id, mode=mode,
+                             replace=replace)
 
     def add_mask(
         self,
@@ -670,7 +663,9 @@ class VolumeSession:
             )
         return int(label_id)
 
-    def _write(self, index: int, masks: Mapping[int, np.ndarray], mode: Mode, replace: bool) -> int:
+    def _write(
+        self, index: int, masks: Mapping[int, np.ndarray], mode: Mode, replace: bool
+    ) -> int:
         """Merge ``masks`` into slice ``index`` through the writer; returns pixels changed."""
         writer = self._writer()
         current = writer.labels[self._where(index)]
