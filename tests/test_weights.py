@@ -273,8 +273,11 @@ def test_http_error_is_unavailable(payload):
 
 def test_no_url_error_says_where_to_get_it(monkeypatch):
     monkeypatch.delenv("NAPARI_SAM_BASE_URL", raising=False)
+    # The registry's MedSAM now also downloads from the Hub (test_weights_hub.py); without that
+    # source it is the example of a file that has no stable URL.
+    no_source = MODELS["medsam_vit_b"].replace(hub_repo=None, hub_revision=None, hub_files={})
     with pytest.raises(WeightsUnavailableError) as info:
-        weights.download("medsam_vit_b", progress=False)
+        weights.download(no_source, progress=False)
     message = str(info.value)
     assert "medsam_vit_b.pth" in message
     where = "https://github.com/bowang-lab/MedSAM"
@@ -660,9 +663,12 @@ def test_load_model_is_exported_lazily():
     assert napari_sam.load_model is weights.load_model
 
 
-def test_load_model_bad_arguments(tmp_path):
+def test_load_model_bad_arguments(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="neither a registered model"):
         weights.load_model(tmp_path / "nothing.pth")
+    # MedSAM without its Hub source (test_weights_hub.py tests that one).
+    no_source = MODELS["medsam_vit_b"].replace(hub_repo=None, hub_revision=None, hub_files={})
+    monkeypatch.setitem(MODELS, "medsam_vit_b", no_source)
     with pytest.raises(WeightsUnavailableError, match="no stable URL"):
         weights.load_model("medsam_vit_b")
 

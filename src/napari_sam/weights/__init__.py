@@ -16,6 +16,11 @@ Everything that turns "a model name or a checkpoint file" into a ready
   :func:`same_architecture`.
 - :mod:`.loading`: :func:`load_model`: name, spec or path -> model on a device; Meta's
   :func:`build_sam` / :data:`sam_model_registry`.
+- :mod:`.hf`: transformers-format checkpoints (``save_pretrained`` folders, shard indexes,
+  ``pytorch_model.bin``), renamed into this package's keys; the ``TRANSFORMERS`` entry of
+  :data:`.checkpoint.FORMATS`.
+- :mod:`.hub`: registry entries with a Hugging Face Hub source, downloaded through
+  ``huggingface_hub`` and verified before they are installed (:func:`download` hands them over).
 
 Extension points
 ----------------

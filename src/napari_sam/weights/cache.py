@@ -57,6 +57,10 @@ def as_spec(spec_or_name: ModelSpec | str) -> ModelSpec:
 def destination(spec_or_name: ModelSpec | str) -> Path:
     """Path where the weights of a registered model go in the cache folder (may not exist)."""
     spec = as_spec(spec_or_name)
+    if not spec.filename and spec.hub_repo:
+        from napari_sam.weights import hub
+
+        return hub.destination(spec)
     if not spec.filename:
         raise ValueError(
             f"model {spec.name!r} has no file name, so it has no place in the cache; "
@@ -66,12 +70,19 @@ def destination(spec_or_name: ModelSpec | str) -> Path:
 
 
 def cached_path(spec_or_name: ModelSpec | str) -> Path | None:
-    """The cached weights file of a model, or None when it is not in the cache."""
+    """The cached weights file of a model, or None when it is not in the cache.
+
+    A file supplied by hand under the spec's ``filename`` comes first; for a Hugging Face Hub
+    entry the verified folder of its files (:func:`napari_sam.weights.hub.cached_path`) next.
+    """
     spec = as_spec(spec_or_name)
-    if not spec.filename:
-        return None
-    path = destination(spec)
-    return path if path.is_file() else None
+    if spec.filename and (path := cache_dir() / spec.filename).is_file():
+        return path
+    if spec.hub_repo:
+        from napari_sam.weights import hub
+
+        return hub.cached_path(spec)
+    return None
 
 
 def is_cached(spec_or_name: ModelSpec | str) -> bool:

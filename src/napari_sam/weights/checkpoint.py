@@ -299,5 +299,30 @@ TORCH = CheckpointFormat(
     matches=lambda path: path.is_file(),  # any other file: the fallback, so keep it last
     read=_read_torch,
 )
-FORMATS: tuple[CheckpointFormat, ...] = (SAFETENSORS, TORCH)
+
+
+def read_one_file(path: Path) -> RawCheckpoint:
+    """One weights file, safetensors or PyTorch, whatever folder it is in."""
+    return (SAFETENSORS if SAFETENSORS.matches(path) else TORCH).read(path)
+
+
+def _is_transformers(path: Path) -> bool:
+    from napari_sam.weights.hf import is_hf_checkpoint
+
+    return is_hf_checkpoint(path)
+
+
+def _read_transformers(path: Path) -> RawCheckpoint:
+    from napari_sam.weights.hf import read_hf_checkpoint
+
+    return read_hf_checkpoint(path, read_file=read_one_file)
+
+
+TRANSFORMERS = CheckpointFormat(
+    "transformers (a save_pretrained folder, its shard index or weights file)",
+    _is_transformers,
+    _read_transformers,
+)
+
+FORMATS: tuple[CheckpointFormat, ...] = (TRANSFORMERS, SAFETENSORS, TORCH)
 """The formats :func:`read_state_dict` knows, tried in order: add a new one before ``TORCH``."""

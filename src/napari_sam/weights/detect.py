@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from napari_sam.registry import MODELS, ModelSpec
+from napari_sam.registry import MODELS, ModelSpec, custom_vit_spec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -32,6 +32,7 @@ __all__ = [
     "detect_spec",
     "looks_like",
     "numbered",
+    "registered_twin",
     "same_architecture",
     "shape_of",
 ]
@@ -91,13 +92,17 @@ def detect_spec(state_dict: StateDict) -> ModelSpec:
         sample = ", ".join(list(state_dict)[:5]) or "none"
         expected = " or ".join(f"{d.expects} ({d.family})" for d in DETECTORS)
         raise ValueError(f"not a SAM checkpoint: expected {expected} keys; first keys: {sample}")
-    detected = detector.detect(state_dict)
-    for spec in MODELS.values():
-        if spec.test_fixture or spec.preprocessing != "sam":
+    return registered_twin(detector.detect(state_dict))
+
+
+def registered_twin(spec: ModelSpec) -> ModelSpec:
+    """The registry's SAM-preprocessed spec of the same architecture, else ``spec`` itself."""
+    for registered in MODELS.values():
+        if registered.test_fixture or registered.preprocessing != "sam":
             continue
-        if same_architecture(spec, detected):
-            return spec
-    return detected
+        if same_architecture(registered, spec):
+            return registered
+    return spec
 
 
 def numbered(state_dict: Mapping[str, Any], prefix: str) -> list[int]:
@@ -140,20 +145,13 @@ def _detect_vit(sd: Mapping[str, Any]) -> ModelSpec:
     windowed = {n for n in lengths if n != global_len}
     if len(windowed) > 1:
         raise ValueError(f"blocks use several attention window sizes ({sorted(windowed)})")
-    kwargs: dict[str, Any] = {
-        "embed_dim": embed_dim,
-        "depth": depth,
-        "num_heads": num_heads,
-        "global_attn_indexes": global_blocks,
-    }
-    if windowed and (window := (windowed.pop() + 1) // 2) != VIT_WINDOW:
-        kwargs["window_size"] = window
-    return ModelSpec(
-        name=f"custom_vit_e{embed_dim}_d{depth}_h{num_heads}_s{image_size}",
-        encoder="vit",
-        encoder_kwargs=kwargs,
-        image_size=image_size,
-        license="unknown",
+    return custom_vit_spec(
+        embed_dim,
+        depth,
+        num_heads,
+        global_blocks,
+        image_size,
+        window_size=(windowed.pop() + 1) // 2 if windowed else VIT_WINDOW,
         description="ViT SAM recognised from the checkpoint's tensor shapes.",
     )
 

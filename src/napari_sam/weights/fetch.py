@@ -92,7 +92,10 @@ def download(
 
     The file is streamed into a temporary file beside the final one, its size and SHA-256 are
     checked against the registry (when it pins them), and only then is it renamed into place;
-    an existing file of that name is replaced only by a verified one.
+    an existing file of that name is replaced only by a verified one. A spec with a Hugging
+    Face Hub source (``hub_repo``) is fetched by :func:`napari_sam.weights.hub.download`
+    instead, with the same guarantees; the result is then a folder (``base_url`` does not
+    apply: a Hub mirror is set with ``HF_ENDPOINT``).
 
     Parameters
     ----------
@@ -123,6 +126,12 @@ def download(
         ``cancel()`` returned True.
     """
     spec = as_spec(spec_or_name)
+    if spec.hub_repo:
+        from napari_sam.weights import hub
+
+        return hub.download(
+            spec, progress=progress, cancel=cancel, progress_callback=progress_callback
+        )
     dest = destination(spec)
     url = _source_url(spec, base_url)
     if not url:
