@@ -61,7 +61,7 @@ def test_disk_store_round_trip_and_damage(tmp_path):
 
     model2 = _Model()
     again = _cache(model2, vol, cache_dir=tmp_path)
-    assert again.has(2) and again.cached_indices() == [2]
+    assert again.has(2) and again.stored(2) and again.cached_indices() == [2]
     loaded = again.get(2)
     assert model2.encoded == 0
     for a, b in zip(
@@ -73,6 +73,7 @@ def test_disk_store_round_trip_and_damage(tmp_path):
     path = again.store_path / "slice_00002.npz"
     path.write_bytes(path.read_bytes()[:100])  # truncated by a crash
     third = _cache(_Model(), vol, cache_dir=tmp_path)
+    assert third.has(2) and not third.stored(2)  # present, but does not read back
     third.get(2)
     assert third.model.encoded == 1  # recomputed, not read
 
