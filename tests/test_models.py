@@ -64,6 +64,11 @@ def test_registry_names_and_defaults():
         "vit_b",
         "vit_t",
         "medsam_vit_b",
+        "sam2.1_hiera_tiny",
+        "sam2.1_hiera_small",
+        "sam2.1_hiera_base_plus",
+        "sam2.1_hiera_large",
+        "medsam2",
     }
     with torch.device("meta"):
         default = sam_model_registry["default"]()

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_sam.commands import _text
 from napari_sam.commands.amg import add_precision_option
 
 __all__ = ["ObjectPrompts", "SlicePrompt", "add_parser", "load_prompts", "parse_window", "run"]
@@ -75,7 +76,9 @@ def add_parser(subparsers) -> None:
             "conventions in docs/scripting.md."
         ),
     )
-    p.add_argument("volume", type=Path, help="the volume, .nii or .nii.gz")
+    p.add_argument(
+        "volume", type=Path, help="the volume, .nii or .nii.gz (with --text also a 2-D image)"
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="labels file to write")
     p.add_argument("--slice", type=int, dest="slice_index", metavar="Z", help="slice of the prompt")
     p.add_argument(
@@ -119,6 +122,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _text.add_text_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -391,7 +395,14 @@ def _check_output(path: Path, force: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from napari_sam.cli import CommandError
 
-    objects = _inline_prompts(args)
+    text = args.text is not None
+    if text:
+        phrases = _text.check_text_args(args)
+        if _text.is_image_input(args.volume):
+            return _text.run_image(args, phrases)
+        if args.slice_index is None:
+            raise CommandError("--text on a volume needs --slice Z (the slice the detector reads)")
+    objects = [] if text else _inline_prompts(args)
     _check_output(args.output, args.force)
     volume = read_volume(args.volume)
     num_slices = volume.data.shape[args.axis]
@@ -402,9 +413,12 @@ def run(args: argparse.Namespace) -> int:
     slice_range = parse_slices(args.slices, num_slices)
     say = _printer(args.quiet)
 
+    detector = _text.load_detector_or_fail(args) if text else None
     start = time.perf_counter()
     with open_session(args, volume) as session:
-        for obj in objects:
+        if text:
+            objects = _text.detect_objects(args, session, detector, phrases)
+        for obj in list(objects):
             for prompt in obj.prompts:
                 if prompt.absent:
                     session.mark_absent(obj.label, prompt.slice)
@@ -413,7 +427,11 @@ def run(args: argparse.Namespace) -> int:
                 mask = session.segment_slice(
                     prompt.slice, label_id=obj.label, mode=args.mode, **_sam_prompt(prompt)
                 )
-                if not mask.any():
+                if not mask.any() and text:
+                    print(f"object {obj.label}: SAM found nothing in its box; skipped")
+                    session.remove_object(obj.label)
+                    objects.remove(obj)
+                elif not mask.any():
                     raise CommandError(
                         f"object {obj.label}: the model found nothing on slice {prompt.slice} "
                         "for these prompts; check the coordinates (x = column, y = row) "
