@@ -22,7 +22,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SessionParts"]
+__all__ = ["SessionParts", "is_sam2", "parts_for"]
+
+
+def is_sam2(model: Any) -> bool:
+    """Whether ``model`` is a SAM 2 model (a video model: it tracks with memory)."""
+    family = getattr(getattr(model, "spec", None), "family", None)
+    return family == "sam2" or (family is None and hasattr(model, "track_step"))
+
+
+def parts_for(model: Any) -> SessionParts:
+    """The default parts for ``model``: :class:`~napari_sam.volume.sam2_parts.Sam2Parts` for
+    SAM 2 models (tracking), :class:`SessionParts` for the others."""
+    if is_sam2(model):
+        from napari_sam.volume.sam2_parts import Sam2Parts
+
+        return Sam2Parts()
+    return SessionParts()
 
 
 class SessionParts:
