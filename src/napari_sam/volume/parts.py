@@ -108,9 +108,7 @@ class SessionParts:
         (``(1, L, L)`` logits, e.g. of the previous prediction) is given.
         """
         if mask_input is None and mask is not None:
-            from napari_sam.prompts import mask_to_mask_input
-
-            mask_input = mask_to_mask_input(mask, predictor.transform, predictor.original_size)
+            mask_input = self.mask_prompt(predictor, mask)
         has_points = points is not None and len(points) > 0
         masks, ious, low_res = predictor.predict(
             point_coords=points if has_points else None,
@@ -120,6 +118,12 @@ class SessionParts:
             multimask_output=multimask,
         )
         return np.asarray(masks), np.asarray(ious), np.asarray(low_res)
+
+    def mask_prompt(self, predictor: Any, mask: np.ndarray) -> np.ndarray:
+        """A drawn ``(H, W)`` mask as the predictor's dense prompt (``(1, L, L)`` logits)."""
+        from napari_sam.prompts import mask_to_mask_input
+
+        return mask_to_mask_input(mask, predictor.transform, predictor.original_size)
 
     def propagate(
         self,

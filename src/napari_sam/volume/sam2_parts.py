@@ -132,32 +132,9 @@ class Sam2Parts(SessionParts):
         """Put slice ``index``'s features into the predictor (encoding it if needed)."""
         predictor.set_features(cache.get(index), cache.slice_shape)
 
-    def predict(
-        self,
-        predictor: Any,
-        *,
-        points: np.ndarray | None,
-        point_labels: np.ndarray | None,
-        box: np.ndarray | None,
-        mask: np.ndarray | None,
-        mask_input: np.ndarray | None,
-        multimask: bool,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return masks ``(C, H, W)`` bool, predicted IoUs ``(C,)``, low-res logits.
-
-        A drawn ``mask`` becomes a dense prompt through :func:`mask_to_logits`.
-        """
-        if mask_input is None and mask is not None:
-            mask_input = mask_to_logits(mask, int(predictor.model.image_size) // 4)
-        has_points = points is not None and len(points) > 0
-        masks, ious, low_res = predictor.predict(
-            point_coords=points if has_points else None,
-            point_labels=point_labels if has_points else None,
-            box=box,
-            mask_input=mask_input,
-            multimask_output=multimask,
-        )
-        return np.asarray(masks), np.asarray(ious), np.asarray(low_res)
+    def mask_prompt(self, predictor: Any, mask: np.ndarray) -> np.ndarray:
+        """A drawn mask as SAM 2 mask-prompt logits (:func:`mask_to_logits`)."""
+        return mask_to_logits(mask, int(predictor.model.image_size) // 4)
 
     def propagate(
         self,
