@@ -114,3 +114,25 @@ def test_tracking_needs_sam2():
     session.model = NotSam2()
     with pytest.raises(ValueError, match="needs a SAM 2 model"):
         session.track(2, points=[[3, 3]])
+
+
+@pytest.mark.slow
+def test_segment_command_tracks_with_a_sam2_checkpoint(model, tmp_path):
+    import nibabel as nib
+
+    from napari_sam.cli import main
+    from napari_sam.io.nifti import read_nifti
+    from napari_sam.weights import save_checkpoint
+
+    checkpoint = save_checkpoint(model, tmp_path / "sam2_small.pt")  # spec embedded: 128 px
+    scan = tmp_path / "scan.nii.gz"
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(np.transpose(_volume(), (2, 1, 0)), affine), scan)
+    out = tmp_path / "labels.nii.gz"
+    argv = ["segment", str(scan), "--slice", "4", "--point", "18", "22", "--model"]
+    # The command line's default precision ("auto") keeps a SAM 2 model exact.
+    assert main([*argv, str(checkpoint), "--no-cache", "-o", str(out), "--quiet"]) == 0
+    labels = read_nifti(out).data
+    assert labels.shape == (Z, H, W) and set(np.unique(labels)) <= {0, 1}
+    assert all(labels[i].any() for i in range(Z))  # tracked through every slice
+    np.testing.assert_array_equal(nib.load(out).affine, nib.load(scan).affine)
