@@ -28,15 +28,23 @@ __all__ = ["Sam2Parts", "mask_to_logits", "track_seeds"]
 
 #: Options of SAM 1's propagation that SAM 2 tracking has no use for: it ends an object by its
 #: own object score (``stop_after``) instead of IoU gates and mask areas.
-SAM1_ONLY = ("min_iou_prev", "min_pred_iou", "min_area", "use_box", "use_points", "num_points")
-SAM1_ONLY += ("multimask", "directions")
+SAM1_ONLY = (
+    "min_iou_prev",
+    "min_pred_iou",
+    "min_area",
+    "use_box",
+    "use_points",
+    "num_points",
+    "multimask",
+    "directions",
+)
 
 #: A SAM 1 slice embedding takes 4 MiB; the session's ``max_memory_slices`` is a count of those.
 SAM1_SLICE_BYTES = 256 * 64 * 64 * 4
 
 
 def mask_to_logits(mask: np.ndarray, side: int) -> np.ndarray:
-    """A drawn ``H x W`` mask as SAM 2 mask-prompt logits ``(1, side, side)``.
+    """Turn a drawn ``H x W`` mask into SAM 2 mask-prompt logits ``(1, side, side)``.
 
     The mask is stretched to the square (as the image is), area-averaged by an antialiased
     bilinear resize, and mapped to logits ``40 * (coverage - 0.5)``: +-20 inside and outside,
@@ -82,7 +90,7 @@ def track_seeds(
     for label, per_slice in seeds.items():
         for index, mask in sorted(per_slice.items()):
             tracker.add_prompt(int(index), int(label), mask=np.asarray(mask, dtype=bool))
-    walk = tracker.track_iter()
+    walk = tracker.track_iter()  # a generator: closed with us
     try:
         for step in walk:
             masks = {
@@ -133,7 +141,7 @@ class Sam2Parts(SessionParts):
         predictor.set_features(cache.get(index), cache.slice_shape)
 
     def mask_prompt(self, predictor: Any, mask: np.ndarray) -> np.ndarray:
-        """A drawn mask as SAM 2 mask-prompt logits (:func:`mask_to_logits`)."""
+        """Turn a drawn mask into SAM 2 mask-prompt logits (:func:`mask_to_logits`)."""
         return mask_to_logits(mask, int(predictor.model.image_size) // 4)
 
     def propagate(

@@ -45,7 +45,7 @@ Example
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -339,7 +339,7 @@ class VolumeTracker:
             obj.starts[tracked].add(index)
         return self._full_res(obj.pending[index][1]["pred_masks"])[0, 0].cpu().numpy()
 
-    def track_iter(self, cancel: Cancel = None) -> Iterator[TrackStep]:
+    def track_iter(self, cancel: Cancel = None) -> Generator[TrackStep, None, None]:
         """Track every pending prompt through the volume, one slice per step.
 
         Walks up from the prompts, then down. Stop early by closing the generator or through
