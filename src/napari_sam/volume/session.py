@@ -337,7 +337,7 @@ class VolumeSession:
             self._cache.clear_memory()
         if hasattr(self.predictor, "reset_image"):
             self.predictor.reset_image()
-        self._cache = self.predictor = self.model = None
+        self._cache = self.predictor = self.model = self._tracker = None
 
     def __enter__(self) -> VolumeSession:
         return self
