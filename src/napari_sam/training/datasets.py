@@ -182,6 +182,8 @@ class NiftiFolder:
                     f"has {image.data.shape}: they must share the voxel grid"
                 )
             window = resolve_window(image.data, self.window)
+            if window is None:
+                raise ValueError("window must name an intensity window, got None")
             volume = np.moveaxis(window.apply(image.data), self.axis, 0)
             labels = np.moveaxis(np.asarray(labels).astype(np.int32), self.axis, 0)
             index = len(self.volumes)
