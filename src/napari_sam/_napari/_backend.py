@@ -11,6 +11,9 @@ the session's model work from worker threads only.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,11 @@ import numpy as np
 
 from napari_sam.volume.parts import SessionParts
 
-__all__ = ["Backend", "ModelOption", "WindowOption"]
+__all__ = ["DETECTOR_CHOICES", "Backend", "ModelOption", "WindowOption"]
+
+#: (label, :func:`napari_sam.text.load_detector` source) of the detector chooser; a folder
+#: written by ``save_pretrained`` can be added.
+DETECTOR_CHOICES = (("Grounding DINO tiny", "grounding-dino-tiny"), ("OWLv2", "owlv2"))
 
 # Order of preference for the model preselected when several are cached: accuracy per second
 # on a laptop CPU (vit_h takes a minute per slice there).
@@ -52,7 +59,20 @@ def _megabytes(n: int | None) -> str:
 
 class Backend(SessionParts):
     """Default bindings to the engine modules (imported lazily: napari reads the manifest
-    without importing torch). ``everything_options``: see :class:`SessionParts`."""
+    without importing torch). ``everything_options``: see :class:`SessionParts`.
+
+    Attributes
+    ----------
+    remote_timeout : float
+        Seconds a remote encoder waits for the scheduler and for one slice.
+    """
+
+    remote_timeout = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._detectors: dict[tuple[str, str], Any] = {}
+        self._detector_lock = threading.Lock()
 
     # -- models and weights -------------------------------------------------------------------
 
@@ -172,3 +192,59 @@ class Backend(SessionParts):
         from napari_sam.volume.embeddings import default_cache_dir
 
         return default_cache_dir()
+
+    # -- optional extras ---------------------------------------------------------------------
+
+    def text_unavailable(self) -> str | None:
+        """Why text prompts cannot be used here (the install command), or None."""
+        from napari_sam.text.detectors import INSTALL_HINT
+
+        return None if _importable("transformers") else INSTALL_HINT
+
+    def cluster_unavailable(self) -> str | None:
+        """Why remote encoding cannot be used here (the install command), or None."""
+        from napari_sam.cluster import INSTALL_HINT
+
+        return None if _importable("distributed") else INSTALL_HINT
+
+    # -- text detectors ----------------------------------------------------------------------
+
+    def detector_thresholds(self, source: str) -> tuple[float, float]:
+        """``(box_threshold, text_threshold)`` defaults of the detector ``source`` (a short
+        name, or a folder whose ``config.json`` names its model type)."""
+        from napari_sam.text.detectors import DETECTORS, GroundingDinoDetector
+
+        cls = DETECTORS[source][0] if source in DETECTORS else GroundingDinoDetector
+        config = Path(source) / "config.json"
+        if source not in DETECTORS and config.is_file():
+            try:
+                model_type = json.loads(config.read_text()).get("model_type")
+            except (OSError, ValueError):
+                model_type = None
+            by_type = {c.model_type: c for c, _ in DETECTORS.values()}
+            cls = by_type.get(model_type, cls)
+        return cls.default_box_threshold, cls.default_text_threshold
+
+    def detector(self, source: str, device: str):
+        """The text detector ``source`` on ``device``, loaded once and kept (worker threads)."""
+        key = (str(source), str(device))
+        with self._detector_lock:
+            found = self._detectors.get(key)
+            if found is None:
+                from napari_sam.text import load_detector
+
+                found = self._detectors[key] = load_detector(source, device=device)
+            return found
+
+    def has_detector(self, source: str, device: str) -> bool:
+        """Whether :meth:`detector` would answer without loading."""
+        return (str(source), str(device)) in self._detectors
+
+
+def _importable(name: str) -> bool:
+    # find_spec does not import the package (transformers takes seconds); a None entry in
+    # sys.modules (a blocked import) counts as missing.
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
