@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from napari_sam.intensity import resolve_window
 from napari_sam.volume.embeddings import Cancel, EncodeFn, weights_fingerprint
 from napari_sam.volume.labels_writer import ArrayWriter, LabelsWriter
 from napari_sam.volume.parts import SessionParts, parts_for
@@ -975,24 +976,6 @@ def _check_axis(axis: int) -> int:
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or not -3 <= axis < 3:
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
     return int(axis) % 3
-
-
-def resolve_window(volume: np.ndarray, window: Any):
-    """A :class:`~napari_sam.intensity.Window` from a mode name, ``(low, high)`` or a Window.
-
-    Mode names are those of :func:`napari_sam.intensity.make_window` (``"auto"``, CT presets
-    such as ``"soft_tissue"``, ``"percentile"``, ``"minmax"``...). None stays None (the cache
-    then uses ``"auto"``; uint8 RGB volumes need no window).
-    """
-    from napari_sam.intensity import Window, make_window
-
-    if window is None or isinstance(window, Window):
-        return window
-    if isinstance(window, str):
-        return make_window(volume, window)
-    if isinstance(window, Sequence) and len(window) == 2:
-        return Window(float(window[0]), float(window[1]))
-    raise ValueError(f"window must be a mode name, a Window or (low, high), got {window!r}")
 
 
 def _read_volume(volume: Any) -> tuple[np.ndarray, dict, tuple, str]:
