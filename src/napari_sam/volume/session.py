@@ -34,9 +34,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from napari_sam.intensity import resolve_window
 from napari_sam.volume.embeddings import Cancel, EncodeFn, weights_fingerprint
 from napari_sam.volume.labels_writer import ArrayWriter, LabelsWriter
-from napari_sam.volume.parts import SessionParts
+from napari_sam.volume.parts import SessionParts, parts_for
 from napari_sam.volume.propagation import Step, merge_masks
 
 __all__ = ["PropagationSummary", "SliceResult", "VolumeSession", "resolve_window"]
@@ -170,6 +171,11 @@ class VolumeSession:
     ) -> None:
         self._closed = False
         self.parts = parts if parts is not None else SessionParts()
+        # Parts given by the caller stay; default parts follow the model (SAM 2 tracks).
+        self._parts_given = parts is not None
+        self._tracker: Any = None
+        #: Options of the SAM 2 tracker (``stop_after``, ``non_overlap``, ``fill_hole_area``...).
+        self.tracking_options: dict[str, Any] = {}
         self.before_use: Callable[[VolumeSession, set[str]], None] | None = None
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self._cache_options: dict[str, Any] = dict(max_memory_slices=max_memory_slices)
@@ -236,7 +242,10 @@ class VolumeSession:
 
             model = with_precision(model, precision)
         self.model = model
+        if not self._parts_given:
+            self.parts = parts_for(model)
         self.predictor = self.parts.make_predictor(model)
+        self._tracker = None
         self._model_key = None
         self._cache = None
 
@@ -351,6 +360,7 @@ class VolumeSession:
         self._require_volume()
         self.window = resolve_window(self.volume, window)
         self._cache = None
+        self._tracker = None
 
     def set_labels(
         self,
@@ -388,6 +398,7 @@ class VolumeSession:
         self._switch_objects()
 
     def _switch_objects(self) -> None:
+        self._tracker = None
         if isinstance(self.writer, ArrayWriter):
             self.writer.axis = self.axis
         self._objects = self._store.setdefault((self._labels_key, self.axis), _Objects())
@@ -404,7 +415,7 @@ class VolumeSession:
             self._cache.clear_memory()
         if hasattr(self.predictor, "reset_image"):
             self.predictor.reset_image()
-        self._cache = self.predictor = self.model = None
+        self._cache = self.predictor = self.model = self._tracker = None
 
     def __enter__(self) -> VolumeSession:
         return self
@@ -737,6 +748,8 @@ class VolumeSession:
         """Undo the last write (a commit, a propagation, ...) through the writer."""
         self._use("labels")
         self._writer().undo()
+        # The tracker's memory may hold what was just undone: later prompts start afresh.
+        self._tracker = None
 
     def _writer(self) -> LabelsWriter:
         if self.writer is None:
@@ -898,6 +911,97 @@ class VolumeSession:
                 bar.close()
         return summary
 
+    # -- tracking (SAM 2) ---------------------------------------------------------------------
+
+    @property
+    def tracker(self) -> Any:
+        """The :class:`~napari_sam.volume.tracking.VolumeTracker` of the volume, axis, window
+        and SAM 2 model (made on first use; remade when any of them or the labels change, and
+        after :meth:`undo`). ``tracking_options`` are its options."""
+        if self._tracker is None:
+            self._use("labels", "model")
+            from napari_sam.volume.parts import is_sam2
+            from napari_sam.volume.tracking import VolumeTracker
+
+            if not is_sam2(self.model):
+                raise ValueError(
+                    "tracking needs a SAM 2 model (e.g. sam2.1_hiera_tiny or medsam2); with a "
+                    "SAM 1 model use segment_slice and propagate"
+                )
+            self._tracker = VolumeTracker(self.model, self.cache, **self.tracking_options)
+        return self._tracker
+
+    def track_iter(
+        self,
+        slice: int,
+        *,
+        points: Any = None,
+        labels: Any = None,
+        box: Any = None,
+        mask: Any = None,
+        obj_id: int | None = None,
+        mode: Mode = "keep",
+        cancel: Any = None,
+    ) -> Iterator[Any]:
+        """Prompt an object on a slice and track it through the volume (SAM 2 models).
+
+        The slice is segmented from the prompt and written, then the object is tracked up and
+        down, each slice written before it is yielded. A prompt on a slice the object was
+        already tracked to is a correction: only the slices after it (in the direction it was
+        reached) are tracked again. Several objects: call again with another ``obj_id``;
+        every prompted slice of an object stays in its memory.
+
+        Parameters
+        ----------
+        slice : int
+            Slice along the session's axis.
+        points : (N, 2) array-like, optional
+            ``(x, y)`` = (column, row) pixels.
+        labels : (N,) array-like, optional
+            1 foreground, 0 background; default all foreground.
+        box : [x0, y0, x1, y1], optional
+        mask : (H, W) bool array, optional
+            The object drawn on the slice (instead of points and box).
+        obj_id : int, optional
+            The object (label id); default a new one (:meth:`next_label_id`).
+        mode : {"keep", "overwrite"}
+            Overlap rule with other objects.
+        cancel : threading.Event or callable, optional
+            Checked before each slice; a stopped run resumes at the next call.
+
+        Yields
+        ------
+        TrackStep
+            First the prompted slice (``direction`` 0), then one per tracked slice, with
+            progress ``done``/``total``. The whole run is one undo step.
+        """
+        tracker = self.tracker
+        index = self._check_index(slice)
+        label = self._label(obj_id)
+        if points is not None:
+            points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+            if labels is None:
+                labels = np.ones(len(points), dtype=np.int64)
+        with self._writer().undo_step():
+            tracker.add_prompt(index, label, points=points, labels=labels, box=box, mask=mask)
+            first = tracker.result(index)
+            answer = first.masks_by_id()[label]
+            self._write(index, {label: answer}, mode, True)
+            if answer.any():
+                self.annotate(label, index)
+            yield first
+            for step in tracker.track_iter(cancel):
+                masks = {o: m for o, m in step.masks_by_id().items() if o in step.updated}
+                self._write(step.slice, masks, mode, True)
+                yield step
+
+    def track(self, slice: int, **prompt: Any) -> int:
+        """Run :meth:`track_iter` to the end; returns the number of slices written."""
+        count = 0
+        for _ in self.track_iter(slice, **prompt):
+            count += 1
+        return count
+
     def segment_everything_iter(self, index: int) -> Iterator[str]:
         """Generator: every object SAM finds on slice ``index`` (nothing written); yields
         progress lines, returns an ``(H, W)`` int32 label image (write it with
@@ -949,24 +1053,6 @@ def _check_axis(axis: int) -> int:
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or not -3 <= axis < 3:
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
     return int(axis) % 3
-
-
-def resolve_window(volume: np.ndarray, window: Any):
-    """A :class:`~napari_sam.intensity.Window` from a mode name, ``(low, high)`` or a Window.
-
-    Mode names are those of :func:`napari_sam.intensity.make_window` (``"auto"``, CT presets
-    such as ``"soft_tissue"``, ``"percentile"``, ``"minmax"``...). None stays None (the cache
-    then uses ``"auto"``; uint8 RGB volumes need no window).
-    """
-    from napari_sam.intensity import Window, make_window
-
-    if window is None or isinstance(window, Window):
-        return window
-    if isinstance(window, str):
-        return make_window(volume, window)
-    if isinstance(window, Sequence) and len(window) == 2:
-        return Window(float(window[0]), float(window[1]))
-    raise ValueError(f"window must be a mode name, a Window or (low, high), got {window!r}")
 
 
 def _read_volume(volume: Any) -> tuple[np.ndarray, dict, tuple, str]:
