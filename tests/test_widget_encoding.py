@@ -11,7 +11,9 @@ import pytest
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
-distributed = pytest.importorskip("distributed")
+pytest.importorskip("distributed")
+
+import distributed
 
 from napari_sam._napari._backend import Backend
 from napari_sam._napari.widget import SamWidget
@@ -135,6 +137,4 @@ def test_session_encoding_option_owns_its_encoder(cluster):
     with pytest.raises(ValueError, match="not a model object"):
         VolumeSession(data, load_test_model(), encoding=cluster.scheduler_address)
     with pytest.raises(ValueError, match="encode_fn= or encoding="):
-        VolumeSession(
-            data, str(TEST_MODEL_PATH), encoding="tcp://x:1", encode_fn=lambda m, i: None
-        )
+        VolumeSession(data, str(TEST_MODEL_PATH), encoding="tcp://x:1", encode_fn=lambda m, i: None)

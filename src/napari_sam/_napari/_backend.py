@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_sam.volume.parts import SessionParts
+from napari_sam.volume.parts import SessionParts, is_sam2
 
 __all__ = ["DETECTOR_CHOICES", "Backend", "ModelOption", "WindowOption"]
 
@@ -193,6 +193,56 @@ class Backend(SessionParts):
 
         return default_cache_dir()
 
+    # -- the session's parts: SAM 2 models get Sam2Parts' (image predictor, features, tracking)
+
+    def make_predictor(self, model: Any) -> Any:
+        """The prompt decoder of ``model`` (SAM 2: its image predictor)."""
+        sam2 = _sam2_parts(model)
+        return super().make_predictor(model) if sam2 is None else sam2.make_predictor(model)
+
+    def make_cache(self, model: Any, *args: Any, **options: Any) -> Any:
+        """The embedding cache of a volume (SAM 2: its feature cache); arguments as in
+        :meth:`SessionParts.make_cache`."""
+        sam2 = _sam2_parts(model)
+        if sam2 is None:
+            return super().make_cache(model, *args, **options)
+        return sam2.make_cache(model, *args, **options)
+
+    def embed(self, cache: Any, predictor: Any, index: int) -> None:
+        """Put slice ``index``'s embedding (SAM 2: features) into the predictor."""
+        sam2 = _sam2_parts(predictor.model)
+        if sam2 is None:
+            super().embed(cache, predictor, index)
+        else:
+            sam2.embed(cache, predictor, index)
+
+    def mask_prompt(self, predictor: Any, mask: np.ndarray) -> np.ndarray:
+        """A drawn mask as the predictor's dense prompt."""
+        sam2 = _sam2_parts(predictor.model)
+        if sam2 is None:
+            return super().mask_prompt(predictor, mask)
+        return sam2.mask_prompt(predictor, mask)
+
+    def propagate(
+        self,
+        cache: Any,
+        predictor: Any,
+        seeds: Any,
+        **options: Any,
+    ) -> Any:
+        """SAM 1: slice-to-slice propagation; SAM 2: tracking with the model's memory."""
+        sam2 = _sam2_parts(predictor.model)
+        if sam2 is None:
+            return super().propagate(cache, predictor, seeds, **options)
+        return sam2.propagate(cache, predictor, seeds, **options)
+
+    def segment_everything(self, cache: Any, model: Any, index: int) -> Any:
+        """SAM's automatic masks (SAM 2 models refuse with a message)."""
+        sam2 = _sam2_parts(model)
+        if sam2 is None:
+            return super().segment_everything(cache, model, index)
+        return sam2.segment_everything(cache, model, index)
+
     # -- optional extras ---------------------------------------------------------------------
 
     def text_unavailable(self) -> str | None:
@@ -239,6 +289,15 @@ class Backend(SessionParts):
     def has_detector(self, source: str, device: str) -> bool:
         """Whether :meth:`detector` would answer without loading."""
         return (str(source), str(device)) in self._detectors
+
+
+def _sam2_parts(model: Any) -> SessionParts | None:
+    """Sam2Parts for a SAM 2 model, None for the others (stateless: made per call)."""
+    if not is_sam2(model):
+        return None
+    from napari_sam.volume.sam2_parts import Sam2Parts
+
+    return Sam2Parts()
 
 
 def _importable(name: str) -> bool:

@@ -116,11 +116,17 @@ def prepare(
         session.set_model(backend.load_model(setup.model_source, setup.device, setup.precision))
         prepared.model_key = setup.model_key
     if model and prepared.encoding_key != setup.encoding_key:
+        from napari_sam.volume.parts import is_sam2
+
         prepared.encoding_key = None
-        if setup.encoding != "local":
-            yield f"Connecting to {setup.encoding} for encoding…"
+        encoding = setup.encoding
+        if encoding != "local" and is_sam2(session.model):
+            yield "SAM 2 models encode on this machine (remote encoding is for SAM 1 models)."
+            encoding = "local"
+        elif encoding != "local":
+            yield f"Connecting to {encoding} for encoding…"
         session.set_encoding(
-            setup.encoding,
+            encoding,
             source=setup.encoding_source,
             timeout=setup.encoding_timeout,
             on_status=setup.on_encoding_status,

@@ -37,7 +37,7 @@ import torch
 from napari_sam.intensity import resolve_window
 from napari_sam.volume.embeddings import Cancel, EncodeFn, weights_fingerprint
 from napari_sam.volume.labels_writer import ArrayWriter, LabelsWriter
-from napari_sam.volume.parts import SessionParts, parts_for
+from napari_sam.volume.parts import SessionParts, is_sam2, parts_for
 from napari_sam.volume.propagation import Step, merge_masks
 
 __all__ = ["PropagationSummary", "SliceResult", "VolumeSession", "resolve_window"]
@@ -284,6 +284,10 @@ class VolumeSession:
         self._check_open()
         if encoding in (None, "", "local"):
             new = None
+        elif is_sam2(self.model):
+            raise ValueError(
+                "remote encoding computes SAM 1 embeddings; SAM 2 models encode locally"
+            )
         else:
             source = source if source is not None else self._model_source
             if source is None:
