@@ -142,6 +142,20 @@ def test_find_boxes_puts_detections_in_sam_boxes_then_segments_each(
     assert not labels.data.any()
 
 
+def test_find_boxes_cancelled_adds_nothing(text_widget, dino_folder, qtbot):
+    _viewer, widget = text_widget()
+    widget.set_detector(dino_folder)
+    widget.text_edit.setText("liver.")
+    widget.find_boxes()
+    widget.cancel()  # stops at the job's first yield (loading the model)
+    settle(qtbot, widget)
+    assert widget.boxes_layer.nshapes == 0
+    assert widget.status.text().startswith("Cancelled: nothing was written.")
+    widget.text_edit.setText(" . ")
+    widget.find_boxes()
+    assert not widget.jobs.busy and "no phrase in the text prompt" in widget.status.text()
+
+
 def test_segment_all_boxes_works_on_drawn_boxes(text_widget, qtbot):
     viewer, widget = text_widget()
     viewer.dims.set_current_step(0, 1)

@@ -246,9 +246,11 @@ def detect_job(
     found = backend.detector(detector, setup.device)
     yield f"Finding {' '.join(phrases)} on slice {index}…"
     box_threshold, text_threshold = thresholds
-    return index, found.detect(
+    detections = found.detect(
         image, phrases, box_threshold=box_threshold, text_threshold=text_threshold
     )
+    yield f"Found {len(detections)} box(es)."  # a Cancel pressed meanwhile stops here
+    return index, detections
 
 
 def boxes_job(
