@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from qtpy.QtCore import QObject, Signal
 
@@ -60,7 +61,7 @@ class RemoteEncoding:
         self.encoding_edit.setText("" if encoding == LOCAL else encoding)
         self._on_encoding_changed()
 
-    def _encoding_setup(self, source, device: str) -> dict:
+    def _encoding_setup(self, source: Any, device: str) -> dict:
         """The Setup fields of the encoding choice (for the chosen model ``source``)."""
         encoding, model_source = self.encoding, None
         if encoding != LOCAL:
@@ -83,7 +84,7 @@ class RemoteEncoding:
             on_encoding_status=self._encoding_relay.message.emit,
         )
 
-    def _on_encoding_changed(self, *_) -> None:
+    def _on_encoding_changed(self, *_: object) -> None:
         encoding = self.encoding
         if encoding == self._encoding_applied:
             return

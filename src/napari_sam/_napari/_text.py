@@ -10,12 +10,17 @@ boxes" makes every box on the slice its own object. The engine is :mod:`napari_s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from qtpy.QtWidgets import QFileDialog
 
 from napari_sam._napari._backend import DETECTOR_CHOICES
 from napari_sam._napari._jobs import boxes_job, detect_job
+from napari_sam._napari._slicing import SliceFrame
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_sam.text.detectors import Detections
 
 __all__ = ["TextPrompts"]
 
@@ -66,7 +71,7 @@ class TextPrompts:
         if folder:
             self.set_detector(folder)
 
-    def _on_detector_changed(self, *_) -> None:
+    def _on_detector_changed(self, *_: object) -> None:
         source = self.detector_source
         if source is None:
             return
@@ -102,7 +107,9 @@ class TextPrompts:
             on_done=self._on_segment_done,
         )
 
-    def _add_detections(self, frame, phrases: list[str], index: int, found) -> None:
+    def _add_detections(
+        self, frame: SliceFrame, phrases: list[str], index: int, found: Detections
+    ) -> None:
         if self._boxes is None or self.image_layer is None or frame != self.frame():
             return  # the image or its slicing changed while the detector ran
         if len(found) == 0:
@@ -161,7 +168,9 @@ class TextPrompts:
             on_done=self._on_segment_done,
         )
 
-    def _commit_boxes(self, frame, index: int, found, *, boxes: int) -> None:
+    def _commit_boxes(
+        self, frame: SliceFrame, index: int, found: np.ndarray, *, boxes: int
+    ) -> None:
         added = self._add_objects(frame, index, found)
         if added is None:
             return

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from skimage.draw import ellipse as draw_ellipse
@@ -230,7 +230,7 @@ class BoxPrompts(PromptLayer):
 
     def add_boxes(
         self,
-        image,
+        image: Any,
         frame: SliceFrame,
         index: int,
         boxes: np.ndarray,
