@@ -3,8 +3,11 @@
 :class:`SamAutomaticMaskGenerator` is a drop-in for Meta's generator (same parameters, defaults
 and output records) with four differences that change no mask:
 
-- The ~1000 grid prompts are decoded against one shared embedding with
-  :func:`~napari_sam.amg_decoder.decode_shared` (same function, half the arithmetic).
+- The ~1000 grid prompts are decoded by the fast decoder
+  (:class:`~napari_sam.speed.decoder.FastMaskDecoder`, made from the model's own decoder when
+  that is the exact one): all prompts share one embedding, so the first layer's image side is
+  computed once per crop, and the rest is reassociated around the prompt tokens (same
+  function, less than half the arithmetic).
 - Masks are upscaled to image resolution only after the predicted-IoU filter, which needs no
   pixels; the reference upscales every candidate first.
 - A cached embedding of the whole image can be passed to :meth:`~SamAutomaticMaskGenerator.generate`
@@ -22,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from napari_sam.amg_decoder import decode_shared
 from napari_sam.amg_utils import (
     area_from_rle,
     batched_mask_to_box,
@@ -42,6 +45,8 @@ from napari_sam.amg_utils import (
 )
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.predictor import SamPredictor, _check_image, encode_image
+from napari_sam.speed import is_fast
+from napari_sam.speed.decoder import FastMaskDecoder
 
 __all__ = [
     "AmgProgress",
@@ -150,6 +155,12 @@ class SamAutomaticMaskGenerator:
         Form of each record's ``segmentation``.
     to_uint8 : callable, optional
         Converts the image to ``H x W x 3`` uint8 (default: the predictor's min-max).
+
+    Attributes
+    ----------
+    decoder : nn.Module
+        What decodes the prompt grid: the model's mask decoder, or its fast twin when that is
+        SAM's exact decoder (same weights, same masks up to float rounding).
     """
 
     def __init__(
@@ -219,6 +230,7 @@ class SamAutomaticMaskGenerator:
 
         self.point_grids = grids
         self.predictor = SamPredictor(model, to_uint8=to_uint8)
+        self.decoder = _grid_decoder(model.mask_decoder)
         self.points_per_batch = int(points_per_batch)
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -383,25 +395,15 @@ class SamAutomaticMaskGenerator:
         coords_t = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]
         labels_t = torch.ones(coords_t.shape[:2], dtype=torch.int, device=device)
         sparse, dense = model.prompt_encoder(points=(coords_t, labels_t), boxes=None, masks=None)
-        if isinstance(model.mask_decoder, MaskDecoder):
-            # One embedding and no mask prompt for all points: the shared-image decoder.
-            _, no_mask = model.prompt_encoder(points=None, boxes=None, masks=None)
-            low_res, iou_preds = decode_shared(
-                model.mask_decoder,
-                predictor.features,
-                model.prompt_encoder.get_dense_pe(),
-                sparse,
-                no_mask,
-                multimask_output=True,
-            )
-        else:
-            low_res, iou_preds = model.mask_decoder(
-                image_embeddings=predictor.features,
-                image_pe=model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
-            )
+        # One embedding and the no-mask dense prompt for all points: the fast decoder shares
+        # the image side between them.
+        low_res, iou_preds = self.decoder(
+            image_embeddings=predictor.features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
         n_masks = low_res.shape[1]
         low_res = low_res.flatten(0, 1)
         iou_preds = iou_preds.flatten(0, 1)
@@ -510,6 +512,14 @@ class SamAutomaticMaskGenerator:
             }
             for i, (segmentation, rle) in enumerate(zip(segmentations, data["rles"]))
         ]
+
+
+def _grid_decoder(mask_decoder: nn.Module) -> nn.Module:
+    """The decoder that runs the prompt grid: the fast twin of SAM's exact mask decoder
+    (sharing its weights), a fast decoder as it is, any other decoder as it is."""
+    if isinstance(mask_decoder, MaskDecoder) and not is_fast(mask_decoder):
+        return FastMaskDecoder.from_exact(mask_decoder)
+    return mask_decoder
 
 
 # -- labels for napari ---------------------------------------------------------------------------

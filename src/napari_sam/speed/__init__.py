@@ -40,6 +40,26 @@ Precisions
 
 Embeddings from a fast model differ slightly from exact ones: cache them under
 ``FastSam.encoder_settings`` (``EmbeddingCache(..., encoder_settings=encoder_settings(model))``).
+Whether a model (or any module) is a fast one: :func:`is_fast`; callers ask that, never the
+class.
+
+How the fast modules are made
+-----------------------------
+Every fast module is a *twin* of an exact one (:mod:`napari_sam.speed.twin`), made in one way:
+``Twin.from_exact(exact, **settings)``. The twin starts with the exact module's parameters,
+buffers, submodules and plain attributes, by reference and under the same names, so its state
+dict is the exact module's; its ``speed_up(exact, **settings)`` then swaps the submodules that
+have twins of their own (``FastSam`` -> encoder, prompt encoder and decoder twins; an encoder ->
+block twins -> ``FusedLinear`` or ``DynamicInt8Linear`` twins of its ``nn.Linear`` layers) and
+sets up weights derived on demand (:class:`~napari_sam.speed.kernels.DerivedWeights`). No twin
+copies attributes by hand, and none has an ``__init__``.
+
+The modules: :mod:`~napari_sam.speed.sam` (the model, prompt encoder, mask resizing),
+:mod:`~napari_sam.speed.decoder` (the mask decoder, also used by automatic mask generation for
+its grid of prompts), :mod:`~napari_sam.speed.upscaling` (the decoder's output upscaling),
+:mod:`~napari_sam.speed.vit` and :mod:`~napari_sam.speed.tiny_vit` (the encoders),
+:mod:`~napari_sam.speed.kernels` and :mod:`~napari_sam.speed.int8` (fused and int8 linear
+layers), :mod:`~napari_sam.speed.windows`, :mod:`~napari_sam.speed.allocator`.
 """
 
 from __future__ import annotations
@@ -48,6 +68,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from napari_sam.speed.twin import is_fast
 
 __all__ = [
     "INFERENCE_PRECISIONS",
@@ -58,6 +80,7 @@ __all__ = [
     "check_precision",
     "choose_precision",
     "encoder_settings",
+    "is_fast",
     "optimize",
     "with_precision",
 ]
@@ -175,18 +198,17 @@ def optimize(model, precision: Precision | str = "auto"):
         int8 kernels, bf16 where the device has none).
     """
     from napari_sam.models.sam import Sam
-    from napari_sam.speed.decoder import FastMaskDecoder
-    from napari_sam.speed.sam import FastPromptEncoder, FastSam
+    from napari_sam.speed.sam import FastSam
 
-    if isinstance(model, FastSam):
+    if not isinstance(model, Sam):
+        raise TypeError(f"optimize() takes a napari_sam Sam model, got {type(model).__name__}")
+    if is_fast(model):
         if precision in ("auto", model.precision):
             return model
         raise ValueError(
             f"this model is already a fast model ({model.precision}); call optimize() on the "
             "exact model to get another precision"
         )
-    if not isinstance(model, Sam):
-        raise TypeError(f"optimize() takes a napari_sam Sam model, got {type(model).__name__}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     device = _model_device(model)
@@ -205,17 +227,7 @@ def optimize(model, precision: Precision | str = "auto"):
         from napari_sam.speed.allocator import keep_freed_memory
 
         keep_freed_memory()  # large temporaries reuse heap pages (see that module)
-    encoder = _fast_encoder(model.image_encoder, precision)
-    prompt_encoder = FastPromptEncoder(model.prompt_encoder)
-    decoder = FastMaskDecoder(model.mask_decoder, prompt_encoder.no_mask_embed)
-    return FastSam(
-        model,
-        encoder,
-        prompt_encoder,
-        decoder,
-        precision=precision,
-        encoder_settings=f"fast-v{FAST_PATH_VERSION}-{precision}",
-    )
+    return FastSam.from_exact(model, precision=precision)
 
 
 def check_precision(precision: str) -> None:
@@ -242,29 +254,10 @@ def with_precision(model, precision: str = "auto"):
     """
     check_precision(precision)
     if precision == "exact":
-        from napari_sam.speed.sam import FastSam
-
-        if isinstance(model, FastSam):
+        if is_fast(model):
             raise ValueError("this model is already a fast model; pass the exact model instead")
         return model
     return optimize(model, precision)
-
-
-def _fast_encoder(encoder, precision: str):
-    from napari_sam.models.image_encoder import ImageEncoderViT
-    from napari_sam.models.tiny_vit import TinyViT
-    from napari_sam.speed.int8 import DynamicInt8Linear
-    from napari_sam.speed.kernels import FusedLinear
-    from napari_sam.speed.tiny_vit import FastTinyViT
-    from napari_sam.speed.vit import FastImageEncoderViT
-
-    linear = DynamicInt8Linear if precision == "int8" else FusedLinear
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    if isinstance(encoder, ImageEncoderViT):
-        return FastImageEncoderViT(encoder, linear, autocast_dtype=dtype)
-    if isinstance(encoder, TinyViT):
-        return FastTinyViT(encoder, linear, autocast_dtype=dtype)
-    raise TypeError(f"no fast path for image encoders of type {type(encoder).__name__}")
 
 
 def _model_device(model) -> torch.device:
@@ -272,15 +265,6 @@ def _model_device(model) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-def _encoder_kind(model) -> str:
-    spec = getattr(model, "spec", None)
-    if spec is not None:
-        return spec.encoder
-    from napari_sam.models.tiny_vit import TinyViT
-
-    return "tiny_vit" if isinstance(model.image_encoder, TinyViT) else "vit"
 
 
 def __getattr__(name: str):

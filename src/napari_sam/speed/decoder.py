@@ -1,20 +1,29 @@
 """A faster mask decoder: same mathematics as SAM's, with less work per prompt.
 
-A click runs the decoder on the 64 x 64 = 4096 image tokens with only about 7 prompt tokens.
-The cross attentions are re-associated around the few prompt tokens (the image tokens are
-never projected), as :mod:`napari_sam.amg_decoder` does for automatic mask generation's batches
-of grid points. This module makes that a drop-in
-:class:`~napari_sam.models.mask_decoder.MaskDecoder` for every caller, and adds what a sequence
-of clicks on one image, or a propagation, needs:
+A click runs the decoder on the 64 x 64 = 4096 image tokens with only about 7 prompt tokens;
+automatic mask generation runs it on ~1000 single-point prompts against one embedding. The
+exact decoder (:class:`~napari_sam.models.mask_decoder.MaskDecoder`) projects all image tokens
+in every cross-attention although only a handful of prompt tokens attend. This decoder computes
+the same function with the same weights, reassociated around the few prompt tokens:
 
-- the first layer's image-side projections do not depend on the prompt when there is no mask
-  prompt: they are computed once per image embedding and reused by every later click;
+- token-to-image attention projects the few queries into the input space instead of projecting
+  every image token (``q . (W_k x + b_k) = (W_k^T q) . x + const``, the constant cancels in the
+  softmax; ``sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v``);
+- image-to-token attention folds its query and output projections into the prompt tokens'
+  side (``(W_q x + b_q) . k = x . (W_q^T k) + b_q . k``; ``W_o (sum_j p_j v_j) = sum_j p_j
+  (W_o v_j)``);
+- when every prompt set sees the same image tokens (one embedding, and a dense prompt that is
+  one vector broadcast everywhere: the no-mask embedding), the first layer's image-side
+  projections do not depend on the prompts: they are computed once per image embedding and
+  shared by every prompt set of a batch and every later call (clicks, grid batches);
 - the positional encoding enters the attention logits through its projections, computed
   once per weight change, so ``keys + key_pe`` is never formed;
-- the hypernetwork MLPs of the returned mask tokens run as one batched product per layer;
-- the output upscaling runs on channels-last tokens (two GEMMs, LayerNorm, GELU).
+- the final attention runs for the output tokens that are read only; the hypernetwork MLPs of
+  the returned mask tokens run as one batched product per layer;
+- the output upscaling runs on channels-last tokens (:mod:`napari_sam.speed.upscaling`).
 
-The result equals the exact decoder up to float32 rounding (about 1e-5 on the logits).
+For official models this is less than half the multiply-adds per prompt. The result equals the
+exact decoder up to float32 rounding (about 1e-5 on the logits).
 """
 
 from __future__ import annotations
@@ -25,52 +34,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_sam.amg_decoder import (
-    _heads,
-    _is_subpixel_upscaling,
-    _self_attention,
-    _subpixel_weights,
-    _upscale_and_project,
-)
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.transformer import Attention, TwoWayAttentionBlock
 from napari_sam.speed.kernels import DerivedWeights
+from napari_sam.speed.twin import FastTwin
+from napari_sam.speed.upscaling import (
+    is_subpixel_upscaling,
+    subpixel_weights,
+    upscale_and_project,
+)
 
 __all__ = ["FastMaskDecoder"]
 
 
-class FastMaskDecoder(MaskDecoder):
+class FastMaskDecoder(FastTwin, MaskDecoder):
     """Fast twin of a :class:`~napari_sam.models.mask_decoder.MaskDecoder` (same interface).
 
-    Parameters
-    ----------
-    decoder : MaskDecoder
-        The exact decoder; its parameters are shared, not copied.
-    no_mask_embed : nn.Embedding
-        The prompt encoder's "no mask" embedding: a dense prompt that is a broadcast view of it
-        means the image side of the first layer is the same for every prompt.
+    Made with ``FastMaskDecoder.from_exact(decoder)``; the parameters are the decoder's.
     """
 
-    def __init__(self, decoder: MaskDecoder, no_mask_embed: nn.Embedding) -> None:
-        nn.Module.__init__(self)  # shares the decoder's submodules instead of building new ones
-        self.transformer_dim = decoder.transformer_dim
-        self.transformer = decoder.transformer
-        self.num_multimask_outputs = decoder.num_multimask_outputs
-        self.num_mask_tokens = decoder.num_mask_tokens
-        self.iou_token = decoder.iou_token
-        self.mask_tokens = decoder.mask_tokens
-        self.output_upscaling = decoder.output_upscaling
-        self.output_hypernetworks_mlps = decoder.output_hypernetworks_mlps
-        self.iou_prediction_head = decoder.iou_prediction_head
-        # Not a submodule: it belongs to the prompt encoder (and to its state-dict keys).
-        self._no_mask = (no_mask_embed,)
+    exact_type = MaskDecoder
+
+    def speed_up(self, exact: MaskDecoder) -> None:
         self._image_cache: tuple | None = None
         self._stacked_hypernetworks = DerivedWeights(
             self._hypernetwork_sources, self._hypernetwork_weights
         )
         self._upscaling_weights = DerivedWeights(
             lambda: list(self.output_upscaling.parameters()),
-            lambda: _subpixel_weights(self.output_upscaling),
+            lambda: subpixel_weights(self.output_upscaling),
         )
 
     # forward() is MaskDecoder's; it calls predict_masks below.
@@ -103,13 +95,13 @@ class FastMaskDecoder(MaskDecoder):
 
     # -- image side ----------------------------------------------------------------------------
 
-    def _shares_image(self, image_embeddings: torch.Tensor, dense: torch.Tensor) -> bool:
-        """True when the dense prompt is the no-mask embedding broadcast to every prompt."""
-        (no_mask,) = self._no_mask
-        weight = no_mask.weight
+    @staticmethod
+    def shares_image(image_embeddings: torch.Tensor, dense: torch.Tensor) -> bool:
+        """True when every prompt set sees the same image tokens: one image embedding and a
+        dense prompt that is one vector broadcast to every prompt set and position (the
+        prompt encoder's no-mask embedding)."""
         return (
             image_embeddings.shape[0] == 1
-            and dense.data_ptr() == weight.data_ptr()
             and (dense.shape[0] == 1 or dense.stride(0) == 0)
             and dense.stride(2) == 0
             and dense.stride(3) == 0
@@ -117,14 +109,16 @@ class FastMaskDecoder(MaskDecoder):
 
     def _image_side(self, image_embeddings, image_pe, dense) -> dict:
         """Image tokens, their positions and (when prompt-independent) layer-0 projections."""
-        shared = self._shares_image(image_embeddings, dense)
+        shared = self.shares_image(image_embeddings, dense)
         if shared:
+            # The dense vector by address and version: the cache holds the tensor (below), so
+            # no other tensor can take its address while the entry lives.
             key = (
                 image_embeddings,
                 image_embeddings._version,
                 image_pe,
                 image_pe._version,
-                dense.data_ptr(),
+                (dense.data_ptr(), dense._version, dense.stride(1), dense.dtype),
                 self._weights_key(),
             )
             cache = self._image_cache
@@ -149,7 +143,7 @@ class FastMaskDecoder(MaskDecoder):
             state["t2i_v"] = t2i.v_proj(keys)
             state["i2t_q"] = i2t.q_proj(k)
             # Keep references to the key tensors so that their ids cannot be reused.
-            self._image_cache = (key, state)
+            self._image_cache = (key, state, dense)
         return state
 
     def _weights_key(self) -> tuple:
@@ -247,8 +241,25 @@ class FastMaskDecoder(MaskDecoder):
     ) -> torch.Tensor:
         """``B x N x C`` image tokens -> ``B x M x 4h x 4w`` mask logits (``M`` hypernetworks)."""
         upscaling = self.output_upscaling
-        weights = self._upscaling_weights.get() if _is_subpixel_upscaling(upscaling) else None
-        return _upscale_and_project(upscaling, keys, hyper_in, size, weights)
+        weights = self._upscaling_weights.get() if is_subpixel_upscaling(upscaling) else None
+        return upscale_and_project(upscaling, keys, hyper_in, size, weights)
+
+
+def _heads(attn: Attention) -> tuple[int, int]:
+    """Number of heads and width per head of an attention."""
+    return attn.num_heads, attn.internal_dim // attn.num_heads
+
+
+def _self_attention(
+    layer: TwoWayAttentionBlock, queries: torch.Tensor, query_pe: torch.Tensor
+) -> torch.Tensor:
+    """A two-way block's first step: the prompt tokens' self-attention, then norm1."""
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + layer.self_attn(q=q, k=q, v=queries)
+    return layer.norm1(queries)
 
 
 def _project_pe(attn: Attention, linear: nn.Linear, pe: torch.Tensor) -> torch.Tensor:
@@ -331,7 +342,8 @@ def _cached_block(
 
 
 def _token_to_image_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """As :func:`_token_to_image` with the image tokens already projected (``1 x N x Ci``)."""
+    """``attn(q, ., .)`` for ``B x T`` prompt tokens over shared image tokens whose key and
+    value projections are given (``k``, ``v``: ``1 x N x Ci``)."""
     b, t, _ = q.shape
     heads, d = _heads(attn)
     qp = attn.q_proj(q).view(b, t, heads, d).transpose(1, 2)
@@ -343,7 +355,8 @@ def _token_to_image_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor,
 
 
 def _image_to_token_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """As :func:`_image_to_token` with the image queries already projected (``1 x N x Ci``)."""
+    """``attn(., k, v)`` for shared image-token queries whose projection is given (``q``:
+    ``1 x N x Ci``) over ``B x T`` prompt tokens; ``B x N x C`` out."""
     b, t, _ = k.shape
     heads, d = _heads(attn)
     kp = attn.k_proj(k).view(b, t, heads, d) * (1.0 / math.sqrt(d))

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_sam.speed.twin import FastTwin
+
 __all__ = [
     "DerivedWeights",
     "FusedLinear",
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 Activation = str | None  # "gelu" or None
-LinearFactory = Callable[[nn.Linear], nn.Module]  # float Linear -> its fast twin
+LinearFactory = Callable[[nn.Linear], nn.Module]  # float Linear -> its twin (``X.from_exact``)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -73,20 +75,15 @@ def fused_linear_available() -> bool:
         return False
 
 
-class FusedLinear(nn.Module):
+class FusedLinear(FastTwin, nn.Module):
     """``act(x W^T + b)``: oneDNN adds the bias (and GELU) inside the GEMM on a CPU.
 
     ``F.linear`` first copies the bias into every row of the output and then accumulates the
     product onto it; for the narrow layers of TinyViT that copy cost as much as the product.
-    Shares ``weight`` and ``bias`` with the layer it was made from (same state dict).
+    Made with ``FusedLinear.from_exact(linear)``: shares ``weight`` and ``bias`` with it.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+    exact_type = nn.Linear
 
     def forward(self, x: torch.Tensor, activation: Activation = None) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32 and fused_linear_available():
