@@ -21,5 +21,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def _isolated_model_cache(tmp_path_factory, monkeypatch):
-    """Keep every test away from the user's real model cache folder."""
+    """Keep every test away from the user's real model cache folder (and Hugging Face's)."""
     monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+    from huggingface_hub import constants  # read once at import, so patched, not set in env
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))

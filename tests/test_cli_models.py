@@ -91,9 +91,17 @@ def test_download_with_progress_and_checksum(monkeypatch, capsys):
 
 def test_download_failures_exit_nonzero(monkeypatch, capsys):
     monkeypatch.delenv("NAPARI_SAM_BASE_URL", raising=False)
+    # MedSAM now downloads from the Hugging Face Hub (tests/test_hub.py); a spec without any
+    # source still says where to get the file.
+    no_url = MODELS["vit_b"].replace(name="no_url", url=None, filename="no_url.pth")
+    monkeypatch.setitem(MODELS, "no_url", no_url)
+    assert main(["models", "download", "no_url"]) == 2
+    err = capsys.readouterr().err
+    assert "no stable URL" in err and str(weights.destination("no_url")) in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["models", "download", "medsam_vit_b"]) == 2
     err = capsys.readouterr().err
-    assert "no stable URL" in err and str(weights.destination("medsam_vit_b")) in err
+    assert "HF_HUB_OFFLINE" in err and "wanglab/medsam-vit-base" in err
     with serve({}) as base:
         pass
     assert main(["models", "download", "vit_b", "--base-url", base]) == 2

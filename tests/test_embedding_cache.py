@@ -284,3 +284,115 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("NAPARI_SAM_EMBEDDINGS")
     monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path / "models"))
     assert default_cache_dir() == tmp_path / "models" / "embeddings"
+
+
+# -- one store, several writers ---------------------------------------------------------------
+
+
+def _fill_stores(root: str, rounds: int, reverse: bool, barrier) -> None:
+    """One writer process: fills ``rounds`` fresh stores, starting each with its peer."""
+    torch.set_num_threads(1)
+    for r in range(rounds):
+        c = cache(cache_dir=f"{root}/{r}")
+        order = range(c.num_slices)[::-1] if reverse else range(c.num_slices)
+        barrier.wait(timeout=60)  # both open the same new store at once
+        for index in order:
+            c.get(index)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch: about 14 s
+def test_two_processes_filling_one_store_at_once_leave_every_slice_intact(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    rounds = 4
+    writers = [
+        ctx.Process(target=_fill_stores, args=(str(tmp_path), rounds, reverse, barrier))
+        for reverse in (False, True)
+    ]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in writers] == [0, 0]
+    expected = Encoder()
+    for r in range(rounds):
+        enc = Encoder()
+        reader = cache(encoder=enc, cache_dir=tmp_path / str(r))
+        store = reader.store_path
+        assert json.loads((store / "manifest.json").read_text()) == reader.key()
+        assert [reader.stored(i) for i in range(6)] == [True] * 6
+        for i in range(6):
+            want = expected(None, reader.slice_image(i))[0].half().float()
+            assert torch.equal(reader.get(i)[0], want)
+        assert enc.calls == 0  # everything came from the store
+        assert sorted(p.name for p in store.iterdir()) == [
+            "manifest.json",
+            *(f"slice_{i:05d}.npz" for i in range(6)),
+        ]  # no temporary file left behind
+
+
+def test_sweep_removes_only_temporaries_of_writers_that_are_gone(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from napari_sam.volume import embeddings
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    host = embeddings._host()
+    names = {
+        "dead": f".slice_00001.npz.{host}~{dead_pid}~ab12.tmp",
+        "alive": f".slice_00002.npz.{host}~{os.getpid()}~ab12.tmp",
+        "other_host_young": ".slice_00003.npz.elsewhere~1~ab12.tmp",
+        "other_host_old": ".slice_00004.npz.elsewhere~1~ab12.tmp",
+        "untagged_old": ".slice_00005.npz.deadbeef.tmp",
+        "slice": "slice_00006.npz",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for key in ("other_host_old", "untagged_old"):
+        os.utime(tmp_path / names[key], (two_days_ago, two_days_ago))
+    assert embeddings.sweep_temporaries(tmp_path) == 3
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([names["alive"], names["other_host_young"], names["slice"]])
+
+
+def test_temporary_of_a_killed_writer_is_removed_when_the_store_is_opened(tmp_path):
+    import subprocess
+    import sys
+
+    from napari_sam.volume import embeddings
+
+    first = cache(cache_dir=tmp_path)
+    first.get(0)
+    store = first.store_path
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    half = store / f".slice_00001.npz.{embeddings._host()}~{int(dead.stdout)}~ab.tmp"
+    half.write_bytes(b"half a slice")
+    second = cache(cache_dir=tmp_path)
+    assert second.stored(0) and not second.stored(1)
+    assert not half.exists()
+
+
+def test_first_writer_creates_the_manifest_the_second_reads_it(tmp_path):
+    from napari_sam.volume import embeddings
+
+    path = tmp_path / "manifest.json"
+    assert embeddings._create_exclusive(path, b'{"a": 1}')
+    assert not embeddings._create_exclusive(path, b'{"a": 2}')
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import reference
-from napari_sam.models.build import build_sam, sam_model_registry
+from napari_sam import build_sam, sam_model_registry
 from napari_sam.models.image_encoder import window_partition, window_unpartition
 from napari_sam.registry import MODELS, ModelSpec
 

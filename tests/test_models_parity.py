@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import napari_sam
 import reference
 from napari_sam.models import image_encoder
 from napari_sam.models.build import build_sam
@@ -290,7 +291,7 @@ def test_vit_b_full_parity_from_checkpoint(tmp_path):
     _perturb(ref, seed=9)
     path = tmp_path / "vit_b_random.pth"
     torch.save(ref.state_dict(), path)
-    ours = build_sam("vit_b", checkpoint=path)
+    ours = napari_sam.build_sam("vit_b", checkpoint=path)
     assert not ours.training
     diffs = _compare_end_to_end(ours, ref, _batched_input(1024, seed=10), multimask=True)
     print(f"vit_b full-size max abs diffs: {diffs}")

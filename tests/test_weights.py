@@ -22,6 +22,7 @@ from napari_sam.weights import (
     DownloadCancelled,
     UnsafeCheckpointError,
     WeightsUnavailableError,
+    fetch,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_disk_full_is_a_local_error_and_leaves_nothing(payload, monkeypatch):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(weights, "open", lambda *a, **k: FullDisk(), raising=False)
+    monkeypatch.setattr(fetch, "open", lambda *a, **k: FullDisk(), raising=False)
     with serve({"tiny_test.pth": payload}) as base:
         with pytest.raises(OSError, match=r"No space left on device.*NAPARI_SAM_CACHE") as info:
             weights.download(file_spec(payload, base), progress=False)
@@ -272,8 +273,11 @@ def test_http_error_is_unavailable(payload):
 
 def test_no_url_error_says_where_to_get_it(monkeypatch):
     monkeypatch.delenv("NAPARI_SAM_BASE_URL", raising=False)
+    # The registry's MedSAM now also downloads from the Hub (test_weights_hub.py); without that
+    # source it is the example of a file that has no stable URL.
+    no_source = MODELS["medsam_vit_b"].replace(hub_repo=None, hub_revision=None, hub_files={})
     with pytest.raises(WeightsUnavailableError) as info:
-        weights.download("medsam_vit_b", progress=False)
+        weights.download(no_source, progress=False)
     message = str(info.value)
     assert "medsam_vit_b.pth" in message
     where = "https://github.com/bowang-lab/MedSAM"
@@ -283,7 +287,7 @@ def test_no_url_error_says_where_to_get_it(monkeypatch):
 
 def test_unpinned_checksum_is_reported(payload, caplog):
     with serve({"tiny_test.pth": payload}) as base:
-        with caplog.at_level(logging.WARNING, logger="napari_sam.weights"):
+        with caplog.at_level(logging.WARNING, logger="napari_sam.weights.fetch"):
             weights.download(file_spec(payload, base, sha256=None), progress=False)
     assert hashlib.sha256(payload).hexdigest() in caplog.text
 
@@ -659,9 +663,12 @@ def test_load_model_is_exported_lazily():
     assert napari_sam.load_model is weights.load_model
 
 
-def test_load_model_bad_arguments(tmp_path):
+def test_load_model_bad_arguments(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="neither a registered model"):
         weights.load_model(tmp_path / "nothing.pth")
+    # MedSAM without its Hub source (test_weights_hub.py tests that one).
+    no_source = MODELS["medsam_vit_b"].replace(hub_repo=None, hub_revision=None, hub_files={})
+    monkeypatch.setitem(MODELS, "medsam_vit_b", no_source)
     with pytest.raises(WeightsUnavailableError, match="no stable URL"):
         weights.load_model("medsam_vit_b")
 
@@ -677,3 +684,151 @@ def test_resolve_device(monkeypatch):
         weights.resolve_device("quantum")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert weights.resolve_device("auto") == torch.device("cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# Files that declare more than they hold
+
+
+HUGE_VIT = ModelSpec(
+    name="huge_forgery",
+    encoder="vit",
+    encoder_kwargs={"embed_dim": 4096, "depth": 64, "num_heads": 32, "global_attn_indexes": ()},
+)
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """The devices every model build happened on (meta: a skeleton without weights)."""
+    from napari_sam.weights import loading
+
+    seen: list[str] = []
+    real = loading.build_architecture
+
+    def recording(spec):
+        seen.append(torch.get_default_device().type)
+        return real(spec)
+
+    monkeypatch.setattr(loading, "build_architecture", recording)
+    return seen
+
+
+def test_tiny_file_claiming_a_huge_model_is_refused_unbuilt(tmp_path, builds):
+    # A 12-billion-parameter claim in a file of a few hundred bytes.
+    path = weights.save_checkpoint(
+        {"image_encoder.pos_embed": torch.zeros(1, 2, 2, 4)},
+        tmp_path / "forged.safetensors",
+        spec=HUGE_VIT,
+    )
+    assert path.stat().st_size < 1024
+    with pytest.raises(
+        ValueError,
+        match=r"forged\.safetensors does not hold a model's weights "
+        r"\(it claims to hold 'huge_forgery'.*patch_embed",
+    ):
+        weights.load_model(path, device="cpu")
+    assert builds == []
+
+
+def test_embedded_spec_must_match_the_tensors(tmp_path, build_sam, builds):
+    sd = build_sam(SMALL_VIT).state_dict()
+    path = weights.save_checkpoint(sd, tmp_path / "lying.safetensors", spec=HUGE_VIT)
+    with pytest.raises(
+        ValueError,
+        match=r"claims to hold 'huge_forgery'.*but its tensors are "
+        r"those of 'custom_vit_e64_d2_h2_s256'.*save_checkpoint",
+    ):
+        weights.load_model(path, device="cpu")
+    assert builds == []
+    # A registered name in the file is no more trusted than a custom spec.
+    path = weights.save_checkpoint(sd, tmp_path / "lying.pth", spec=MODELS["vit_h"])
+    with pytest.raises(ValueError, match=r"claims to hold 'vit_h'"):
+        weights.load_model(path, device="cpu")
+    assert builds == []
+
+
+def test_every_tensor_is_checked_before_the_model_is_built(tmp_path, build_sam, builds):
+    sd = build_sam(SMALL_VIT).state_dict()
+    sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 7)  # the encoder alone looks right
+    path = weights.save_checkpoint(sd, tmp_path / "bad_decoder.safetensors", spec=SMALL_VIT)
+    with pytest.raises(
+        ValueError, match=r"shape mismatch.*iou_token\.weight \(1, 7\) vs \(1, 256\)"
+    ):
+        weights.load_model(path, device="cpu")
+    assert builds == ["meta"]
+    builds.clear()
+    good = weights.save_checkpoint(build_sam(SMALL_VIT), tmp_path / "good.safetensors")
+    assert weights.load_model(good, device="cpu").spec.name == "small_vit"
+    assert builds == ["meta", "cpu"]
+
+
+def test_all_global_vit_window_size_is_not_part_of_the_layout(tmp_path, build_sam):
+    kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": (0, 1)}
+    spec = ModelSpec(
+        name="all_global",
+        encoder="vit",
+        image_size=128,
+        encoder_kwargs={**kwargs, "window_size": 8},
+    )
+    assert weights.same_architecture(spec, spec.replace(encoder_kwargs=kwargs))
+    windowed = {**kwargs, "global_attn_indexes": (1,)}
+    assert not weights.same_architecture(
+        spec.replace(encoder_kwargs={**windowed, "window_size": 8}),
+        spec.replace(encoder_kwargs=windowed),
+    )
+    path = weights.save_checkpoint(build_sam(spec), tmp_path / "all_global.pth")
+    assert weights.load_model(path, device="cpu").spec == spec
+
+
+def _safetensors_bytes(header: dict | bytes, data: bytes = b"") -> bytes:
+    import json
+    import struct
+
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # A header length of 2**62 bytes.
+        (1 << 62).to_bytes(8, "little") + b"{}",
+        # One tensor of 10**12 floats with 16 bytes of data.
+        _safetensors_bytes(
+            {"a": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}, bytes(16)
+        ),
+        # Data offsets far past the end of the file.
+        _safetensors_bytes(
+            {"a": {"dtype": "F32", "shape": [10**5, 10**5], "data_offsets": [0, 4 * 10**10]}},
+            bytes(16),
+        ),
+    ],
+    ids=["header_length", "tensor_shape", "data_offsets"],
+)
+def test_safetensors_declaring_more_than_the_file_holds(tmp_path, content):
+    path = tmp_path / "forged.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"cannot read .*forged\.safetensors as safetensors"):
+        weights.read_state_dict(path)
+
+
+def test_torch_file_declaring_a_larger_storage_than_it_holds(tmp_path):
+    import zipfile
+
+    path = tmp_path / "small.pth"
+    torch.save({"a": torch.zeros(4)}, path)
+    with zipfile.ZipFile(path) as z:
+        records = {name.split("/", 1)[1]: z.read(name) for name in z.namelist()}
+    # The storage's element count and the tensor's shape, 4 each (BININT1 4), become 5 * 10**8.
+    pickled = records["data.pkl"]
+    small = b"K\x04"
+    assert pickled.count(small) == 2
+    records["data.pkl"] = pickled.replace(small, b"J" + (5 * 10**8).to_bytes(4, "little"))
+    forged = tmp_path / "forged.pth"
+    writer = torch._C.PyTorchFileWriter(str(forged))
+    for name in ("data.pkl", "byteorder", "data/0"):
+        writer.write_record(name, records[name], len(records[name]))
+    writer.write_end_of_file()
+    assert forged.stat().st_size < 4096
+    with pytest.raises(ValueError, match=r"forged\.pth: it is truncated, corrupt"):
+        weights.read_state_dict(forged)

@@ -672,7 +672,8 @@ def test_manifest_opens_the_widget_with_registry_models(make_napari_viewer):
     labels = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
     # Nothing is cached in the test's model folder: each registry model says what it costs.
     assert any(t.startswith("vit_b — will download 375 MB, Apache-2.0") for t in labels)
-    assert any(t.startswith("medsam_vit_b — supply the file") for t in labels)
+    # MedSAM downloads from the Hugging Face Hub (transformers format).
+    assert any(t.startswith("medsam_vit_b — will download 375 MB") for t in labels)
     assert not any("test" in t for t in labels)  # the test fixture model is never offered
     assert widget.download_button.isVisibleTo(widget)
     # napari's console gets the widget and the scripting session (weak references until the

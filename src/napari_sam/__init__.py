@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "sam_model_registry": "napari_sam.models.build",
-    "build_sam": "napari_sam.models.build",
+    "sam_model_registry": "napari_sam.weights",
+    "build_sam": "napari_sam.weights",
     "Sam": "napari_sam.models.sam",
     "SamPredictor": "napari_sam.predictor",
     "SamAutomaticMaskGenerator": "napari_sam.automatic",
@@ -41,12 +41,11 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_sam.automatic import SamAutomaticMaskGenerator
-    from napari_sam.models.build import build_sam, sam_model_registry
     from napari_sam.models.sam import Sam
     from napari_sam.predictor import SamPredictor
     from napari_sam.registry import MODELS, ModelSpec
     from napari_sam.volume.session import VolumeSession
-    from napari_sam.weights import load_model
+    from napari_sam.weights import build_sam, load_model, sam_model_registry
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ COMMANDS = [
     "napari_sam.commands.train",
     "napari_sam.commands.amg",
     "napari_sam.commands.export_onnx",
+    "napari_sam.commands.batch",
 ]
 
 

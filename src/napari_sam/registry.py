@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["DEFAULT_MODEL", "MODELS", "ModelSpec", "get_spec"]
+__all__ = ["DEFAULT_MODEL", "MODELS", "ModelSpec", "custom_vit_spec", "get_spec"]
 
 SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 SAM_HOMEPAGE = "https://github.com/facebookresearch/segment-anything"
@@ -49,6 +50,12 @@ class ModelSpec:
     homepage : str or None
         The project page that distributes the weights: where to get the file by hand when
         ``url`` is None or a download fails.
+    hub_repo, hub_revision, hub_files
+        A Hugging Face Hub source (see :mod:`napari_sam.weights.hub`): repository id
+        (``"wanglab/medsam-vit-base"``), the commit to pin, and the files to fetch mapped to
+        their SHA-256 (None: not pinned, reported when downloaded). The files form a
+        transformers-format checkpoint. Takes precedence over ``url`` for downloads; a file
+        supplied by hand under ``filename`` in the cache folder is still used.
     test_fixture : bool
         True for the small model trained by this project on synthetic shapes only. Never a
         default.
@@ -67,6 +74,9 @@ class ModelSpec:
     description: str = ""
     homepage: str | None = None
     test_fixture: bool = False
+    hub_repo: str | None = None
+    hub_revision: str | None = None
+    hub_files: Mapping[str, str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.image_size % 16:
@@ -75,6 +85,20 @@ class ModelSpec:
             raise ValueError(f"unknown encoder {self.encoder!r}; expected 'vit' or 'tiny_vit'")
         if self.preprocessing not in ("sam", "medsam"):
             raise ValueError(f"unknown preprocessing {self.preprocessing!r}")
+        if self.hub_repo is not None:
+            if self.hub_repo.count("/") != 1 or not self.hub_files or not self.hub_revision:
+                raise ValueError(
+                    f"model {self.name!r}: a Hub source needs hub_repo 'owner/name', a "
+                    "hub_revision and at least one file in hub_files"
+                )
+            for name, digest in self.hub_files.items():
+                if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                    raise ValueError(f"model {self.name!r}: {name} has no valid SHA-256")
+
+    @property
+    def downloadable(self) -> bool:
+        """True when the weights can be fetched (a URL or a Hub source)."""
+        return self.url is not None or self.hub_repo is not None
 
     @property
     def embedding_size(self) -> int:
@@ -125,6 +149,33 @@ def _vit(embed_dim: int, depth: int, num_heads: int, global_attn: tuple[int, ...
         "num_heads": num_heads,
         "global_attn_indexes": global_attn,
     }
+
+
+def custom_vit_spec(
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    global_attn_indexes: tuple[int, ...],
+    image_size: int,
+    window_size: int = 14,
+    description: str = "",
+) -> ModelSpec:
+    """An unregistered ViT SAM, named by its sizes (``custom_vit_e768_d12_h12_s1024``).
+
+    ``window_size`` is stored only when it differs from SAM's 14, so that specs recognised from
+    files compare equal to the registry's.
+    """
+    kwargs: dict[str, Any] = _vit(embed_dim, depth, num_heads, tuple(global_attn_indexes))
+    if window_size != 14:
+        kwargs["window_size"] = window_size
+    return ModelSpec(
+        name=f"custom_vit_e{embed_dim}_d{depth}_h{num_heads}_s{image_size}",
+        encoder="vit",
+        encoder_kwargs=kwargs,
+        image_size=image_size,
+        license="unknown",
+        description=description,
+    )
 
 
 TINY_VIT_5M = {
@@ -185,17 +236,28 @@ _OFFICIAL = [
         encoder="vit",
         encoder_kwargs=_vit(768, 12, 12, (2, 5, 8, 11)),
         preprocessing="medsam",
-        # Distributed through a file-sharing link without a stable URL: the user supplies it.
+        # The original medsam_vit_b.pth has no stable URL; a hand-supplied copy in the cache
+        # folder under this name is used first. Downloads come from the Hub, in transformers'
+        # format (the same weights, renamed by weights/hf.py).
         url=None,
         filename="medsam_vit_b.pth",
         sha256=None,
-        size_bytes=None,
+        size_bytes=375_045_749,
         description=(
-            "MedSAM (vit_b fine-tuned on 1.5 M medical image-mask pairs; box prompts). "
-            "Download medsam_vit_b.pth from the MedSAM project page and pass it as the "
-            "checkpoint, or put it in the model cache folder."
+            "MedSAM (vit_b fine-tuned on 1.5 M medical image-mask pairs; box prompts), "
+            "downloaded from the Hugging Face Hub (wanglab/medsam-vit-base, transformers "
+            "format). Its revision and SHA-256 were taken from public projects that pin them "
+            "and could not be checked against the Hub here; a mismatch is refused. Or put "
+            "medsam_vit_b.pth from the MedSAM project page into the model cache folder."
         ),
         homepage="https://github.com/bowang-lab/MedSAM",
+        hub_repo="wanglab/medsam-vit-base",
+        hub_revision="de8488bca37bb1d4fb190f612c516126d739ce3b",
+        # config.json is not fetched: the registry knows the architecture and the weights
+        # file alone is a complete transformers checkpoint (weights/hf.py reads it from shapes).
+        hub_files={
+            "pytorch_model.bin": "0ef67838fba16f16c0e308eaf7a3ae6fbf4fe8e13d7a120ca932671ed9c47db0"
+        },
     ),
 ]
 

@@ -88,12 +88,12 @@ class Backend:
             cached = weights.is_cached(name)
             if cached:
                 status = "cached"
-            elif spec.url:
+            elif spec.downloadable:
                 status = f"will download {_megabytes(spec.size_bytes)}, {spec.license}"
             else:
                 status = "supply the file (Checkpoint…)"
             options.append(
-                ModelOption(name, f"{name} — {status}", cached, bool(spec.url), spec.size_bytes)
+                ModelOption(name, f"{name} — {status}", cached, spec.downloadable, spec.size_bytes)
             )
         return options
 

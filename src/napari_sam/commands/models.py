@@ -87,7 +87,11 @@ def run_list(args: argparse.Namespace) -> int:
         name = spec.name + (" (default)" if spec.name == DEFAULT_MODEL else "")
         rows.append((name, format_size(spec.size_bytes), spec.license, status))
         text = spec.description
-        if spec.url is None and spec.homepage:
+        if spec.hub_repo:
+            text += f" From the Hugging Face Hub: {spec.hub_repo} @ {spec.hub_revision[:12]}."
+            if spec.homepage:
+                text += f" Project page: {spec.homepage}."
+        elif spec.url is None and spec.homepage:
             text += f" No stable URL: get the file from {spec.homepage}."
         descriptions.append(text)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]

@@ -1,9 +1,13 @@
-"""Build a :class:`Sam` from a :class:`~napari_sam.registry.ModelSpec` (and load its weights)."""
+"""Build a :class:`Sam` from a :class:`~napari_sam.registry.ModelSpec`.
+
+Architecture only: weights files are :mod:`napari_sam.weights`' concern (``load_model``, and
+``segment_anything``'s ``build_sam(spec, checkpoint)`` / ``sam_model_registry``), which imports
+this module, never the other way round.
+"""
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import torch
@@ -16,30 +20,22 @@ from napari_sam.models.sam import Sam
 from napari_sam.models.transformer import TwoWayTransformer
 from napari_sam.registry import ModelSpec, get_spec
 
-__all__ = ["build_sam", "sam_model_registry"]
+__all__ = ["build_sam"]
 
 PROMPT_EMBED_DIM = 256
 PATCH_SIZE = 16
 
 
-def build_sam(
-    spec: ModelSpec | str,
-    checkpoint: str | os.PathLike | None = None,
-    *,
-    strict: bool = True,
-) -> Sam:
-    """Build the model described by ``spec``, in eval mode, float32, on the CPU.
+def build_sam(spec: ModelSpec | str) -> Sam:
+    """Build the model described by ``spec``, randomly initialised, eval mode, float32.
+
+    On the CPU, or on the current default device (``with torch.device("meta"):`` builds a
+    model without allocating its weights).
 
     Parameters
     ----------
     spec : ModelSpec or str
         A spec, or a registry name (``"vit_b"``, ``"default"``, ...).
-    checkpoint : path-like or None
-        Weights to load (``.pth`` / ``.pt`` / ``.safetensors``); None leaves the random
-        initialisation.
-    strict : bool
-        Require the checkpoint's keys to match the model's exactly (MobileSAM's unused
-        classifier head excepted).
 
     Returns
     -------
@@ -73,8 +69,6 @@ def build_sam(
         spec=spec,
     )
     model.eval()
-    if checkpoint is not None:
-        _load_checkpoint(model, checkpoint, strict=strict)
     return model.to(dtype=torch.float32)
 
 
@@ -106,25 +100,3 @@ def _build_encoder(spec: ModelSpec) -> nn.Module:
             f"model spec {spec.name!r} has encoder_kwargs the {spec.encoder} encoder does not "
             f"accept: {err}"
         ) from None
-
-
-def _load_checkpoint(model: Sam, checkpoint: str | os.PathLike, *, strict: bool) -> None:
-    # Safe loading (no pickled code), wrappers and prefixes are the weights module's job.
-    from napari_sam.weights import load_state_dict_into, read_state_dict
-
-    state_dict, _file_spec = read_state_dict(checkpoint)
-    if strict:
-        load_state_dict_into(model, state_dict)
-        return
-    try:
-        model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as err:
-        raise ValueError(
-            f"checkpoint {os.fspath(checkpoint)!r} does not fit the model: {err}"
-        ) from None
-
-
-sam_model_registry: dict[str, Callable[..., Sam]] = {
-    name: functools.partial(build_sam, name)
-    for name in ("default", "vit_h", "vit_l", "vit_b", "vit_t", "medsam_vit_b")
-}

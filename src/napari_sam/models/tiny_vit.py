@@ -420,7 +420,8 @@ class TinyViT(nn.Module):
 
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # On the CPU even under ``with torch.device("meta")``, which builds a model's skeleton.
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         starts = [sum(depths[:i]) for i in range(len(depths) + 1)]
         last = len(depths) - 1
         self.layers = nn.ModuleList()

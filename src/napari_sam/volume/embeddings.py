@@ -16,6 +16,14 @@ manifest does not match its key is wiped and rebuilt; a slice file that cannot b
 exactly (truncated, bad checksum, wrong shape) is recomputed. Slices written before a crash or a
 cancel are reused by the next run.
 
+Several processes (cluster workers, a napari session and a batch job) may fill one store at the
+same time, on a local disk or a network mount every one of them sees. No lock is needed: every
+file is written under a temporary name of its own writer (host, process id, random part) and
+renamed into place, so a reader sees a whole slice file or none; the manifest is created once by
+an exclusive hard link (the first writer wins, the others read its manifest); temporary files
+left by a killed writer are removed by the next process opening the store (its process is gone,
+or the file is a day old when it came from another host).
+
 When a disk store is used, freshly computed embeddings are rounded to float16 before use too, so
 a slice gives the same masks whether it was just computed or read back from disk.
 
@@ -29,7 +37,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import threading
+import time
 import uuid
 import warnings
 import zipfile
@@ -44,6 +55,7 @@ import torch
 __all__ = [
     "EmbeddingCache",
     "default_cache_dir",
+    "sweep_temporaries",
     "volume_fingerprint",
     "weights_fingerprint",
 ]
@@ -289,6 +301,11 @@ class EmbeddingCache:
                     del self._pending[index]
                 event.set()
 
+    def stored(self, index: int) -> bool:
+        """Whether slice ``index`` is in the disk store and reads back intact (a full check)."""
+        index = self._check_index(index)
+        return self.cache_dir is not None and self._load(index) is not None
+
     def has(self, index: int) -> bool:
         """Whether slice ``index`` is available without encoding (in memory or on disk).
 
@@ -386,16 +403,25 @@ class EmbeddingCache:
             folder = self.cache_dir / hashlib.sha256(text.encode()).hexdigest()[:32]
             folder.mkdir(parents=True, exist_ok=True)
             manifest = folder / MANIFEST
-            try:
-                valid = json.loads(manifest.read_text()) == key
-            except (OSError, ValueError):
-                valid = False
-            if not valid:
+            content = json.dumps(key, indent=1).encode()
+            # Loops only while peers race to create the same store; a few rounds settle it.
+            for _ in range(20):
+                state = _manifest_state(manifest, key)
+                if state == "valid":
+                    break
                 # Unknown provenance: never use what is there.
-                for stale in folder.iterdir():
-                    if stale.is_file():
-                        stale.unlink(missing_ok=True)
-                _atomic_write(manifest, lambda f: f.write(json.dumps(key, indent=1).encode()))
+                _wipe(folder)
+                if state == "invalid":
+                    _atomic_write(manifest, lambda f: f.write(content))
+                    break
+                if _create_exclusive(manifest, content):
+                    break
+            else:  # pragma: no cover - needs a peer rewriting the manifest for ever
+                raise RuntimeError(
+                    f"the embedding store {folder} keeps changing; is another "
+                    "program writing a different manifest there?"
+                )
+            sweep_temporaries(folder)
             self._store = folder
             return folder
 
@@ -453,8 +479,9 @@ class EmbeddingCache:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    """Write through a temporary file of this writer in the same folder, then rename over
+    ``path``."""
+    tmp = _temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -463,6 +490,118 @@ def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create_exclusive(path: Path, content: bytes) -> bool:
+    """Create ``path`` holding ``content`` unless it exists; True when this call created it.
+
+    The content is complete before the name appears (a hard link of a finished temporary file),
+    so a concurrent reader never sees a partial file.
+    """
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            # A peer wiping the folder took the temporary file: try again.
+            return False
+        except OSError:
+            # No hard links on this file system: exclusive creation, written in place.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _manifest_state(manifest: Path, key: dict) -> str:
+    """``"valid"``, ``"missing"`` or ``"invalid"`` (another key, or unreadable)."""
+    for attempt in range(3):
+        try:
+            found = json.loads(manifest.read_text())
+        except FileNotFoundError:
+            return "missing"
+        except (OSError, ValueError):
+            # Only a file system without hard links shows a manifest being written: wait.
+            if attempt < 2:
+                time.sleep(0.1)
+            continue
+        return "valid" if found == key else "invalid"
+    return "invalid"
+
+
+def _wipe(folder: Path) -> None:
+    """Remove every finished file of a store and the temporaries of writers that are gone."""
+    for entry in folder.iterdir():
+        if entry.is_file() and not entry.name.startswith("."):
+            entry.unlink(missing_ok=True)
+    sweep_temporaries(folder)
+
+
+# ".<target>.<host>~<pid>~<random>.tmp"; older stores used ".<target>.<random>.tmp".
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)~(?P<pid>\d+)~[0-9a-f]+\.tmp$")
+STALE_TEMPORARY_SECONDS = 24 * 3600
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{_host()}~{os.getpid()}~{uuid.uuid4().hex}.tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no safe liveness probe (os.kill would end the process)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def sweep_temporaries(folder: str | os.PathLike, max_age: float = STALE_TEMPORARY_SECONDS) -> int:
+    """Remove temporary files of writers that died in ``folder``; returns how many.
+
+    A temporary file is stale when its writer ran on this host and its process is gone, or,
+    for files from another host (a network mount) or without a writer tag, when it is older
+    than ``max_age`` seconds. A live writer's file is never touched.
+    """
+    removed = 0
+    host, now = _host(), time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        match = _TEMPORARY.match(name)
+        try:
+            if match and match["host"] == host and os.name == "posix":
+                stale = not _process_alive(int(match["pid"]))
+            else:
+                stale = now - entry.stat().st_mtime > max_age
+            if stale:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def _token_layout(embedding: torch.Tensor) -> torch.Tensor:
