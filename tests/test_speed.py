@@ -141,7 +141,7 @@ def test_every_fast_module_is_a_twin_made_from_the_exact_module_in_its_place(sma
     with pytest.raises(TypeError, match="precision"):
         FastMaskDecoder.from_exact(decoder, precision="fp32")  # takes no settings
     with pytest.raises(TypeError, match="takes no settings"):
-        type("Plain", (FastTwin, torch.nn.Module), {}).from_exact(decoder, linear=None)
+        type("Plain", (FastTwin,), {}).from_exact(decoder, linear=None)
 
 
 def test_tiny_vit_fast_model_has_the_exact_state_dict(small_tiny):

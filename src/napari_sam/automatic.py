@@ -44,6 +44,7 @@ from napari_sam.amg_utils import (
     rle_to_mask,
 )
 from napari_sam.models.mask_decoder import MaskDecoder
+from napari_sam.models.sam import Sam
 from napari_sam.predictor import SamPredictor, _check_image, encode_image
 from napari_sam.speed import is_fast
 from napari_sam.speed.decoder import FastMaskDecoder
@@ -165,7 +166,7 @@ class SamAutomaticMaskGenerator:
 
     def __init__(
         self,
-        model,
+        model: Sam | SamPredictor,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
         pred_iou_thresh: float = 0.88,
@@ -230,7 +231,7 @@ class SamAutomaticMaskGenerator:
 
         self.point_grids = grids
         self.predictor = SamPredictor(model, to_uint8=to_uint8)
-        self.decoder = _grid_decoder(model.mask_decoder)
+        self.decoder = _grid_decoder(self.predictor.model.mask_decoder)
         self.points_per_batch = int(points_per_batch)
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -297,7 +298,7 @@ class SamAutomaticMaskGenerator:
         return rgb
 
     def _generate_masks(
-        self, rgb: np.ndarray, embedding
+        self, rgb: np.ndarray, embedding: torch.Tensor | np.ndarray | None
     ) -> Generator[AmgProgress, None, dict[str, Any]]:
         orig_size = rgb.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(
@@ -341,7 +342,7 @@ class SamAutomaticMaskGenerator:
         crop_box: list[int],
         layer: int,
         orig_size: tuple[int, int],
-        embedding,
+        embedding: torch.Tensor | np.ndarray | None,
     ) -> Generator[str, None, dict[str, Any]]:
         x0, y0, x1, y1 = crop_box
         crop = rgb[y0:y1, x0:x1]
@@ -515,8 +516,11 @@ class SamAutomaticMaskGenerator:
 
 
 def _grid_decoder(mask_decoder: nn.Module) -> nn.Module:
-    """The decoder that runs the prompt grid: the fast twin of SAM's exact mask decoder
-    (sharing its weights), a fast decoder as it is, any other decoder as it is."""
+    """The decoder that runs the prompt grid.
+
+    The fast twin of SAM's exact mask decoder (sharing its weights); a fast decoder, or a
+    decoder of any other kind, as it is.
+    """
     if isinstance(mask_decoder, MaskDecoder) and not is_fast(mask_decoder):
         return FastMaskDecoder.from_exact(mask_decoder)
     return mask_decoder
@@ -558,7 +562,7 @@ def _record_mask(segmentation: Any) -> np.ndarray:
 
 
 def iter_segment_everything(
-    predictor_or_model,
+    predictor_or_model: Sam | SamPredictor,
     image: np.ndarray,
     embedding: torch.Tensor | np.ndarray | None = None,
     **amg_kwargs: Any,
@@ -573,7 +577,7 @@ def iter_segment_everything(
 
 
 def segment_everything(
-    predictor_or_model,
+    predictor_or_model: Sam | SamPredictor,
     image: np.ndarray,
     embedding: torch.Tensor | np.ndarray | None = None,
     **amg_kwargs: Any,

@@ -65,11 +65,16 @@ layers), :mod:`~napari_sam.speed.windows`, :mod:`~napari_sam.speed.allocator`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
+from torch import nn
 
 from napari_sam.speed.twin import is_fast
+
+if TYPE_CHECKING:  # imported where used: importing napari_sam.speed stays cheap
+    from napari_sam.models.sam import Sam
+    from napari_sam.speed.sam import FastSam
 
 __all__ = [
     "INFERENCE_PRECISIONS",
@@ -154,7 +159,7 @@ def capabilities(device: str | torch.device = "cpu") -> Capabilities:
     return Capabilities(device.type, False, False, False, False, False)
 
 
-def choose_precision(model, device: str | torch.device | None = None) -> str:
+def choose_precision(model: nn.Module, device: str | torch.device | None = None) -> str:
     """The precision ``"auto"`` means for ``model`` on ``device`` (default: the model's).
 
     The fastest precision that kept every mask of the agreement tests at IoU >= 0.99 with the
@@ -170,12 +175,12 @@ def choose_precision(model, device: str | torch.device | None = None) -> str:
     return "fp32"
 
 
-def encoder_settings(model) -> str:
+def encoder_settings(model: object) -> str:
     """What a model's image embeddings depend on besides its weights ("" for exact models)."""
     return str(getattr(model, "encoder_settings", ""))
 
 
-def optimize(model, precision: Precision | str = "auto"):
+def optimize(model: Sam, precision: Precision | str = "auto") -> FastSam:
     """Return the fast twin of an exact :class:`~napari_sam.models.sam.Sam`.
 
     Parameters
@@ -203,10 +208,11 @@ def optimize(model, precision: Precision | str = "auto"):
     if not isinstance(model, Sam):
         raise TypeError(f"optimize() takes a napari_sam Sam model, got {type(model).__name__}")
     if is_fast(model):
-        if precision in ("auto", model.precision):
-            return model
+        fast = cast("FastSam", model)  # a fast Sam is a FastSam
+        if precision in ("auto", fast.precision):
+            return fast
         raise ValueError(
-            f"this model is already a fast model ({model.precision}); call optimize() on the "
+            f"this model is already a fast model ({fast.precision}); call optimize() on the "
             "exact model to get another precision"
         )
     if precision not in PRECISIONS:
@@ -231,17 +237,20 @@ def optimize(model, precision: Precision | str = "auto"):
 
 
 def check_precision(precision: str) -> None:
-    """Raise ``ValueError``, naming the valid choices, unless ``precision`` is one of
-    :data:`INFERENCE_PRECISIONS` (cheap: call it before loading a model)."""
+    """Raise ``ValueError``, naming the valid choices, for an unknown precision.
+
+    The valid ones are :data:`INFERENCE_PRECISIONS`. Cheap: call it before loading a model.
+    """
     if precision not in INFERENCE_PRECISIONS:
         raise ValueError(
             f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}; got {precision!r}"
         )
 
 
-def with_precision(model, precision: str = "auto"):
-    """The model to run for a precision choice: ``"exact"`` -> ``model`` itself, else
-    :func:`optimize` ``(model, precision)``.
+def with_precision(model: Sam, precision: str = "auto") -> Sam:
+    """The model to run for a precision choice.
+
+    ``"exact"`` -> ``model`` itself, else :func:`optimize` ``(model, precision)``.
 
     This is the one switch behind the widget's "Speed" choice and the command line's
     ``--precision``, which default to ``"auto"`` (the fastest path that keeps the masks of the
@@ -260,14 +269,14 @@ def with_precision(model, precision: str = "auto"):
     return optimize(model, precision)
 
 
-def _model_device(model) -> torch.device:
+def _model_device(model: nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name == "FastSam":
         from napari_sam.speed.sam import FastSam
 

@@ -56,6 +56,7 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
     exact_type = MaskDecoder
 
     def speed_up(self, exact: MaskDecoder) -> None:
+        """Caches of the image side and of the weights rearranged for the fast products."""
         self._image_cache: tuple | None = None
         self._stacked_hypernetworks = DerivedWeights(
             self._hypernetwork_sources, self._hypernetwork_weights
@@ -97,9 +98,11 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
 
     @staticmethod
     def shares_image(image_embeddings: torch.Tensor, dense: torch.Tensor) -> bool:
-        """True when every prompt set sees the same image tokens: one image embedding and a
-        dense prompt that is one vector broadcast to every prompt set and position (the
-        prompt encoder's no-mask embedding)."""
+        """Whether every prompt set sees the same image tokens.
+
+        True for one image embedding and a dense prompt that is one vector broadcast to every
+        prompt set and position (the prompt encoder's no-mask embedding).
+        """
         return (
             image_embeddings.shape[0] == 1
             and (dense.shape[0] == 1 or dense.stride(0) == 0)
@@ -107,7 +110,9 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
             and dense.stride(3) == 0
         )
 
-    def _image_side(self, image_embeddings, image_pe, dense) -> dict:
+    def _image_side(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+    ) -> dict:
         """Image tokens, their positions and (when prompt-independent) layer-0 projections."""
         shared = self.shares_image(image_embeddings, dense)
         if shared:
@@ -184,10 +189,13 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
         return queries, keys
 
     def _positional(self, image_pe: torch.Tensor) -> dict:
-        """``image_pe`` as ``1 x N x C`` tokens (``"key_pe"``) and, per attention over the image
+        """The positional encoding as tokens and through each attention's projection.
+
+        ``image_pe`` as ``1 x N x C`` tokens (``"key_pe"``) and, per attention over the image
         tokens, the key (or query) projection of it, ``heads x d x N`` (``"pe_folded"``): with
         those, ``keys + key_pe`` (a pass over all image tokens per layer) is never formed. Kept
-        while ``image_pe`` is the same tensor and the weights are unchanged."""
+        while ``image_pe`` is the same tensor and the weights are unchanged.
+        """
         t = self.transformer
         projs = [t.final_attn_token_to_image.k_proj]
         for layer in t.layers:
@@ -223,10 +231,10 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
                 x = torch.relu_(x)
         return x.transpose(0, 1)
 
-    def _hypernetwork_sources(self):
+    def _hypernetwork_sources(self) -> list[torch.Tensor]:
         return [p for mlp in self.output_hypernetworks_mlps for p in mlp.parameters()]
 
-    def _hypernetwork_weights(self):
+    def _hypernetwork_weights(self) -> tuple[torch.Tensor, ...]:
         mlps = self.output_hypernetworks_mlps
         out = []
         for i in range(mlps[0].num_layers):
@@ -276,8 +284,11 @@ def _pe_folded_block(
     t2i_pe: torch.Tensor,
     i2t_pe: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A two-way block on per-prompt image tokens, with their positional encoding entering the
-    attention logits through its precomputed projections (``t2i_pe``, ``i2t_pe``)."""
+    """A two-way block on per-prompt image tokens.
+
+    Their positional encoding enters the attention logits through its precomputed projections
+    (``t2i_pe``, ``i2t_pe``).
+    """
     queries = _self_attention(layer, queries, query_pe)
     attn_out = _token_to_image_folded(
         layer.cross_attn_token_to_image, queries + query_pe, keys, t2i_pe
@@ -302,8 +313,10 @@ def _pe_folded_block(
 def _token_to_image_folded(
     attn: Attention, q: torch.Tensor, keys: torch.Tensor, key_pe_proj: torch.Tensor
 ) -> torch.Tensor:
-    """``attn(q, keys + pe, keys)`` for ``B x T`` prompt tokens over ``B x N`` image tokens,
-    with ``key_pe_proj = W_k pe^T`` per head (``h x d x N``)."""
+    """``attn(q, keys + pe, keys)`` for ``B x T`` prompt tokens over ``B x N`` image tokens.
+
+    ``key_pe_proj`` is ``W_k pe^T`` per head (``h x d x N``).
+    """
     b, t, _ = q.shape
     heads, d = _heads(attn)
     qp = attn.q_proj(q).view(b, t, heads, d).transpose(1, 2) / math.sqrt(d)  # B h T d
@@ -341,9 +354,13 @@ def _cached_block(
     return queries, layer.norm4(keys + attn_out)
 
 
-def _token_to_image_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """``attn(q, ., .)`` for ``B x T`` prompt tokens over shared image tokens whose key and
-    value projections are given (``k``, ``v``: ``1 x N x Ci``)."""
+def _token_to_image_projected(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """``attn(q, ., .)`` for ``B x T`` prompt tokens over shared, projected image tokens.
+
+    ``k``, ``v``: the key and value projections of the image tokens, ``1 x N x Ci``.
+    """
     b, t, _ = q.shape
     heads, d = _heads(attn)
     qp = attn.q_proj(q).view(b, t, heads, d).transpose(1, 2)
@@ -354,9 +371,13 @@ def _token_to_image_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor,
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
 
 
-def _image_to_token_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """``attn(., k, v)`` for shared image-token queries whose projection is given (``q``:
-    ``1 x N x Ci``) over ``B x T`` prompt tokens; ``B x N x C`` out."""
+def _image_to_token_projected(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """``attn(., k, v)`` for shared, projected image-token queries over ``B x T`` prompt tokens.
+
+    ``q``: the query projection of the image tokens, ``1 x N x Ci``; ``B x N x C`` out.
+    """
     b, t, _ = k.shape
     heads, d = _heads(attn)
     kp = attn.k_proj(k).view(b, t, heads, d) * (1.0 / math.sqrt(d))
@@ -366,11 +387,21 @@ def _image_to_token_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor,
     return _image_to_token_output(attn, logits, v, b, t, heads, d)
 
 
-def _image_to_token_output(attn, logits, v, b, t, heads, d, accumulate=None):
+def _image_to_token_output(
+    attn: Attention,
+    logits: torch.Tensor,
+    v: torch.Tensor,
+    b: int,
+    t: int,
+    heads: int,
+    d: int,
+    accumulate: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``B x (heads * T) x N`` logits -> ``B x N x C`` attention output (after out_proj).
 
     With ``accumulate`` (``B x N x C``, contiguous), the output is added to it in place by the
-    same GEMM (a residual connection without a copy of the residual) and it is returned."""
+    same GEMM (a residual connection without a copy of the residual) and it is returned.
+    """
     n = logits.shape[-1]
     # Softmax over each head's T prompt tokens; N stays the contiguous (vectorised) axis.
     probs = torch.softmax(logits.view(b, heads, t, n), dim=2).view(b, heads * t, n)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ def _pack_engine() -> str:
 
 
 @contextlib.contextmanager
-def _quantized_engine(engine: str):
+def _quantized_engine(engine: str) -> Iterator[None]:
     # The engine is global torch state, read only while packing (the packed weights remember
     # their kernel), so it is restored right away.
     previous = torch.backends.quantized.engine
@@ -65,7 +66,7 @@ def has_vnni() -> bool:
         return False
 
 
-class DynamicInt8Linear(FastTwin, nn.Module):
+class DynamicInt8Linear(FastTwin):
     """``y = x W^T + b`` with ``W`` in int8 (per output channel) and ``x`` quantised per call.
 
     Made with ``DynamicInt8Linear.from_exact(linear, reduce_range=None)`` from a float
@@ -106,10 +107,12 @@ class DynamicInt8Linear(FastTwin, nn.Module):
             return (torch.ops.quantized.linear_prepack(qweight, bias),)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """``x W^T + b`` in int8 arithmetic, then the optional ``"gelu"``."""
         (packed,) = self._packed.get()
         y = torch.ops.quantized.linear_dynamic(x.float(), packed, self.reduce_range)
         # In place: a fresh tensor of this size costs more in page faults than the GELU.
         return torch.ops.aten.gelu_(y) if activation == "gelu" else y
 
     def extra_repr(self) -> str:
+        """What ``print(module)`` shows."""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

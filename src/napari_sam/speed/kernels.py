@@ -34,7 +34,7 @@ Activation = str | None  # "gelu" or None
 LinearFactory = Callable[[nn.Linear], nn.Module]  # float Linear -> its twin (``X.from_exact``)
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
     if dtype is None:
         return contextlib.nullcontext()
@@ -75,7 +75,7 @@ def fused_linear_available() -> bool:
         return False
 
 
-class FusedLinear(FastTwin, nn.Module):
+class FusedLinear(FastTwin):
     """``act(x W^T + b)``: oneDNN adds the bias (and GELU) inside the GEMM on a CPU.
 
     ``F.linear`` first copies the bias into every row of the output and then accumulates the
@@ -86,6 +86,7 @@ class FusedLinear(FastTwin, nn.Module):
     exact_type = nn.Linear
 
     def forward(self, x: torch.Tensor, activation: Activation = None) -> torch.Tensor:
+        """``x W^T + b``, then the optional ``"gelu"``."""
         if x.device.type == "cpu" and x.dtype == torch.float32 and fused_linear_available():
             attr = "gelu" if activation == "gelu" else "none"
             return torch.ops.mkldnn._linear_pointwise(
@@ -95,6 +96,7 @@ class FusedLinear(FastTwin, nn.Module):
         return torch.ops.aten.gelu_(y) if activation == "gelu" else y
 
     def extra_repr(self) -> str:
+        """What ``print(module)`` shows."""
         return f"in_features={self.in_features}, out_features={self.out_features}, fused"
 
 
@@ -165,6 +167,7 @@ class DerivedWeights:
         self._value: tuple[torch.Tensor, ...] | None = None
 
     def get(self) -> tuple[torch.Tensor, ...]:
+        """The derived tensors, recomputed first if a source changed since the last call."""
         key = tuple((t.data_ptr(), t._version, t.device) for t in self._sources())
         if self._value is None or key != self._key:
             with torch.no_grad():

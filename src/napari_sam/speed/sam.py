@@ -30,12 +30,14 @@ class FastPromptEncoder(FastTwin, PromptEncoder):
     exact_type = PromptEncoder
 
     def speed_up(self, exact: PromptEncoder) -> None:
+        """The dense positional encoding, kept until its frequency matrix changes."""
         self._dense_pe = DerivedWeights(
             lambda: (self.pe_layer.positional_encoding_gaussian_matrix,),
             lambda: (PromptEncoder.get_dense_pe(self),),
         )
 
     def get_dense_pe(self) -> torch.Tensor:
+        """As :meth:`PromptEncoder.get_dense_pe`, computed once (a shared tensor)."""
         return self._dense_pe.get()[0]
 
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
@@ -79,8 +81,10 @@ class FastPromptEncoder(FastTwin, PromptEncoder):
 
 
 def _tap_order(blocks: torch.Tensor) -> torch.Tensor:
-    """``K x 4 x 4`` pixel blocks -> ``K x 16`` rows in the order :func:`_embed_rows` reads:
-    second-convolution tap (row, column), then first-convolution tap (row, column)."""
+    """``K x 4 x 4`` pixel blocks -> ``K x 16`` rows in the order :func:`_embed_rows` reads.
+
+    That is: second-convolution tap (row, column), then first-convolution tap (row, column).
+    """
     # Pixel (2a + r, 2c + s): second-convolution tap (a, c), first-convolution tap (r, s).
     return blocks.reshape(-1, 2, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16)
 
@@ -139,6 +143,15 @@ class FastSam(FastTwin, Sam):
     exact_type = Sam
 
     def speed_up(self, exact: Sam, precision: str = "fp32") -> None:
+        """Fast encoder, prompt encoder and decoder twins.
+
+        Parameters
+        ----------
+        exact : Sam
+            The exact model.
+        precision : {"fp32", "int8", "bf16"}
+            What the encoder runs in (checked against the device by ``optimize``, not here).
+        """
         from napari_sam.speed import FAST_PATH_VERSION
 
         self.precision = precision
@@ -148,6 +161,7 @@ class FastSam(FastTwin, Sam):
         self.mask_decoder = FastMaskDecoder.from_exact(exact.mask_decoder)
 
     def train(self, mode: bool = True) -> FastSam:
+        """Inference only: ``train(False)`` (``eval()``) is accepted, ``train()`` raises."""
         if mode:
             raise RuntimeError(
                 "the fast model is for inference only; train the exact model it was made from"
@@ -183,7 +197,9 @@ class FastSam(FastTwin, Sam):
         out = apply_rows(masks.transpose(-1, -2).contiguous(), *cols)
         return apply_rows(out.transpose(-1, -2).contiguous(), *rows)
 
-    def _taps(self, low: int, n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _taps(
+        self, low: int, n_in: int, n_out: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         key = (low, n_in, n_out, str(device))
         cache = self.__dict__.setdefault("_taps_cache", {})
         if key not in cache:
@@ -196,8 +212,9 @@ class FastSam(FastTwin, Sam):
 
 
 def fast_image_encoder(encoder: nn.Module, precision: str) -> nn.Module:
-    """The fast twin of a ViT or TinyViT image encoder running at ``precision``
-    (``"fp32"``, ``"int8"`` or ``"bf16"``; not checked against the device here).
+    """The fast twin of a ViT or TinyViT image encoder running at ``precision``.
+
+    ``precision`` is ``"fp32"``, ``"int8"`` or ``"bf16"``, not checked against the device here.
 
     Raises
     ------

@@ -34,7 +34,7 @@ from napari_sam.speed.windows import from_windows, to_windows
 __all__ = ["FastTinyViT"]
 
 
-class FastConvBN(FastTwin, nn.Module):
+class FastConvBN(FastTwin):
     """A :class:`~napari_sam.models.tiny_vit.Conv2dBN` as one convolution (BatchNorm folded)."""
 
     exact_type = tv.Conv2dBN
@@ -63,7 +63,7 @@ class FastConvBN(FastTwin, nn.Module):
         )
 
 
-class FastTinyViT(FastTwin, nn.Module):
+class FastTinyViT(FastTwin):
     """Fast twin of a :class:`~napari_sam.models.tiny_vit.TinyViT` (same input and output).
 
     Made with ``FastTinyViT.from_exact(encoder, linear=..., autocast_dtype=...)`` (see
@@ -99,6 +99,7 @@ class FastTinyViT(FastTwin, nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x S x S`` images -> ``B x 256 x S/16 x S/16`` embeddings (float32)."""
         tv.TinyViT.check_input(self, x)  # reads only in_chans and img_size
         with autocast(x.device, self.autocast_dtype):
             x = self.patch_embed(x.float().contiguous(memory_format=torch.channels_last))
@@ -122,7 +123,7 @@ def _layer_norm_2d(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return y.permute(0, 3, 1, 2)
 
 
-class FastPatchEmbed(FastTwin, nn.Module):
+class FastPatchEmbed(FastTwin):
     exact_type = tv.PatchEmbed
 
     def speed_up(self, exact: tv.PatchEmbed) -> None:
@@ -134,7 +135,7 @@ class FastPatchEmbed(FastTwin, nn.Module):
         return self.seq[2](self.seq[0](x, "gelu"))
 
 
-class FastMBConv(FastTwin, nn.Module):
+class FastMBConv(FastTwin):
     exact_type = tv.MBConv
 
     def speed_up(self, exact: tv.MBConv) -> None:
@@ -145,7 +146,7 @@ class FastMBConv(FastTwin, nn.Module):
         return self.conv3(y, "gelu", add=x)
 
 
-class FastPatchMerging(FastTwin, nn.Module):
+class FastPatchMerging(FastTwin):
     exact_type = tv.PatchMerging
 
     def speed_up(self, exact: tv.PatchMerging) -> None:
@@ -165,7 +166,7 @@ def _fast_downsample(layer: tv.ConvLayer | tv.BasicLayer) -> FastPatchMerging | 
     return None if layer.downsample is None else FastPatchMerging.from_exact(layer.downsample)
 
 
-class FastConvLayer(FastTwin, nn.Module):
+class FastConvLayer(FastTwin):
     exact_type = tv.ConvLayer
 
     def speed_up(self, exact: tv.ConvLayer) -> None:
@@ -178,7 +179,7 @@ class FastConvLayer(FastTwin, nn.Module):
         return self.downsample(x) if self.downsample is not None else x
 
 
-class FastBasicLayer(FastTwin, nn.Module):
+class FastBasicLayer(FastTwin):
     exact_type = tv.BasicLayer
 
     def speed_up(self, exact: tv.BasicLayer, linear: LinearFactory) -> None:
@@ -196,7 +197,7 @@ class FastBasicLayer(FastTwin, nn.Module):
         return self.downsample(x) if self.downsample is not None else x
 
 
-class FastTinyViTBlock(FastTwin, nn.Module):
+class FastTinyViTBlock(FastTwin):
     exact_type = tv.TinyViTBlock
 
     def speed_up(self, exact: tv.TinyViTBlock, linear: LinearFactory) -> None:
@@ -216,7 +217,7 @@ class FastTinyViTBlock(FastTwin, nn.Module):
         return self.mlp(x).add_(x)
 
 
-class FastWindowAttention(FastTwin, nn.Module):
+class FastWindowAttention(FastTwin):
     exact_type = tv.Attention
 
     def speed_up(self, exact: tv.Attention, linear: LinearFactory) -> None:
@@ -242,7 +243,7 @@ class FastWindowAttention(FastTwin, nn.Module):
         return out.transpose(1, 2).reshape(b, n, -1)
 
 
-class FastMlp(FastTwin, nn.Module):
+class FastMlp(FastTwin):
     exact_type = tv.Mlp
 
     def speed_up(self, exact: tv.Mlp, linear: LinearFactory) -> None:

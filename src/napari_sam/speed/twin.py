@@ -21,8 +21,8 @@ __all__ = ["FastTwin", "is_fast"]
 T = TypeVar("T", bound="FastTwin")
 
 
-class FastTwin:
-    """Mixin of the fast modules (put it before the ``nn.Module`` base).
+class FastTwin(nn.Module):
+    """Base of the fast modules (before the exact class, when a twin also subclasses it).
 
     Subclasses name the class they stand in for (``exact_type``), override
     :meth:`speed_up`, and define no ``__init__``: they are made by :meth:`from_exact` only.
@@ -62,8 +62,10 @@ class FastTwin:
 
     # (*args, **settings): subclasses declare ``speed_up(self, exact, <their settings>)``.
     def speed_up(self, *args: Any, **settings: Any) -> None:
-        """``speed_up(exact, **settings)``: replace shared submodules by their twins and set up
-        derived state (by default nothing, and no settings are taken).
+        """``speed_up(exact, **settings)``: swap in the fast parts.
+
+        Replaces shared submodules by their twins and sets up derived state; by default
+        nothing, and no settings are taken.
 
         Assigning to an existing submodule's name keeps its place in the state dict.
         """

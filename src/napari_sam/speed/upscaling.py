@@ -10,19 +10,24 @@ those rows; only the final logits are put into image order (one gather of rows).
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_sam.models.common import LayerNorm2d
 from napari_sam.speed.kernels import fused_linear_available
 
 __all__ = ["is_subpixel_upscaling", "subpixel_weights", "upscale_and_project"]
 
 
 def is_subpixel_upscaling(upscaling: nn.Sequential) -> bool:
-    """Whether ``upscaling`` has SAM's layout: 2x2/2 transposed convolution, channel LayerNorm,
-    activation, 2x2/2 transposed convolution, activation."""
+    """Whether ``upscaling`` has SAM's layout.
+
+    That is: 2x2/2 transposed convolution, channel LayerNorm, activation, 2x2/2 transposed
+    convolution, activation.
+    """
     if len(upscaling) != 5:
         return False
     up1, norm, _, up2, _ = upscaling
@@ -39,13 +44,16 @@ def is_subpixel_upscaling(upscaling: nn.Sequential) -> bool:
 
 
 def subpixel_weights(upscaling: nn.Sequential) -> tuple[torch.Tensor, ...]:
-    """Both transposed convolutions of a SAM upscaling as ``(weight, bias)`` of a linear map
-    per token: weight ``(2 2 C_out) x C_in`` (sub-pixel major, channels last), contiguous."""
+    """Both transposed convolutions of a SAM upscaling as linear maps per token.
+
+    Returns ``(weight, bias)`` of each: weight ``(2 2 C_out) x C_in`` (sub-pixel major,
+    channels last), contiguous.
+    """
     out = []
-    for conv in (upscaling[0], upscaling[3]):
+    for conv in cast("tuple[nn.ConvTranspose2d, ...]", (upscaling[0], upscaling[3])):
         cin, cout = conv.weight.shape[:2]
         out.append(conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin).contiguous())
-        out.append(conv.bias.repeat(4))
+        out.append(cast(torch.Tensor, conv.bias).repeat(4))
     return tuple(out)
 
 
@@ -98,19 +106,26 @@ def upscale_and_project(
 def _upscale_rows(
     upscaling: nn.Sequential, keys: torch.Tensor, weights: tuple[torch.Tensor, ...]
 ) -> torch.Tensor:
-    """``B x N x C`` tokens -> ``B x (N 16) x C_out`` features (token, sub-pixel rows/columns
-    of both levels, channels).
+    """``B x N x C`` tokens -> ``B x (N 16) x C_out`` features.
+
+    Rows are ordered (token, sub-pixel rows/columns of both levels), channels last.
 
     On a CPU in float32, oneDNN's fused linear adds the biases inside the GEMMs and applies the
     last GELU in the second one: two passes fewer over the largest tensors.
     """
-    _, norm, act1, _, act2 = upscaling
+    _, norm_module, act1, _, act2 = upscaling
+    norm = cast(LayerNorm2d, norm_module)  # (or any module with weight, bias, eps)
     b, n = keys.shape[:2]
     fused = keys.device.type == "cpu" and keys.dtype == torch.float32 and fused_linear_available()
     exact_gelu = isinstance(act2, nn.GELU) and act2.approximate == "none"
     w1, b1, w2, b2 = weights
 
-    def subpixel_linear(x: torch.Tensor, weight, bias, act=None) -> torch.Tensor:
+    def subpixel_linear(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        act: nn.Module | None = None,
+    ) -> torch.Tensor:
         cout = weight.shape[0] // 4
         x = x.reshape(-1, weight.shape[1])
         if fused and (act is None or exact_gelu):
@@ -131,7 +146,10 @@ def _upscale_rows(
 
 @functools.lru_cache(maxsize=8)
 def _subpixel_order(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Row order ``(i, j, dy1, dx1, dy2, dx2)`` of the upscaled features -> image order: entry
-    ``p`` is the row of mask pixel ``p`` (row ``4i + 2 dy1 + dy2``, column ``4j + 2 dx1 + dx2``)."""
+    """Row order ``(i, j, dy1, dx1, dy2, dx2)`` of the upscaled features -> image order.
+
+    Entry ``p`` is the row of mask pixel ``p`` (row ``4i + 2 dy1 + dy2``, column
+    ``4j + 2 dx1 + dx2``).
+    """
     rows = torch.arange(h * w * 16, device=device).view(h, w, 2, 2, 2, 2)
     return rows.permute(0, 2, 4, 1, 3, 5).reshape(-1)

@@ -40,7 +40,7 @@ __all__ = ["FastImageEncoderViT"]
 BIAS_BUDGET = 2**25
 
 
-class FastImageEncoderViT(FastTwin, nn.Module):
+class FastImageEncoderViT(FastTwin):
     """Fast twin of an :class:`ImageEncoderViT` (same input, output and parameters).
 
     Made with ``FastImageEncoderViT.from_exact(encoder, linear=..., autocast_dtype=...)``
@@ -74,6 +74,7 @@ class FastImageEncoderViT(FastTwin, nn.Module):
         self.blocks = nn.ModuleList(FastBlock.from_exact(b, linear=linear) for b in exact.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x S x S`` images -> ``B x C_out x S/16 x S/16`` embeddings (float32)."""
         ImageEncoderViT.check_input(self, x)  # reads only in_chans and img_size
         with autocast(x.device, self.autocast_dtype):
             x = self.patch_embed(x.float())
@@ -84,7 +85,7 @@ class FastImageEncoderViT(FastTwin, nn.Module):
             return self.neck(x.permute(0, 3, 1, 2)).float().contiguous()
 
 
-class FastBlock(FastTwin, nn.Module):
+class FastBlock(FastTwin):
     """Fast twin of a ViT :class:`Block` (``B x H x W x C`` in and out)."""
 
     exact_type = Block
@@ -112,7 +113,7 @@ class FastBlock(FastTwin, nn.Module):
         return y.add_(x)
 
 
-class FastAttention(FastTwin, nn.Module):
+class FastAttention(FastTwin):
     """Multi-head attention with decomposed relative positions, through flash SDPA."""
 
     exact_type = Attention
@@ -152,7 +153,7 @@ class FastAttention(FastTwin, nn.Module):
         return out.view(b, n, c3 // 3)
 
 
-class FastMLP(FastTwin, nn.Module):
+class FastMLP(FastTwin):
     """The block's MLP with its GELU inside the first product."""
 
     exact_type = MLPBlock
