@@ -152,19 +152,23 @@ def _ensure_timm() -> None:
 _ensure_torchvision()
 _ensure_timm()
 
+import mobile_sam  # noqa: E402
 import segment_anything  # noqa: E402
 import segment_anything.automatic_mask_generator  # noqa: E402
 
-__all__ = ["segment_anything"]
+
+def _drop_standins() -> None:
+    # The references hold the stand-ins they imported; leaving them in sys.modules (with no
+    # __spec__) would make importlib.util.find_spec raise for every later availability probe
+    # (transformers asks for torchvision and timm), so they leave once the references are in.
+    for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
+        if getattr(sys.modules[name], "__spec__", None) is None:
+            del sys.modules[name]
 
 
-def __getattr__(name):
-    # mobile_sam is imported on first use: only the vit_t tests need it.
-    if name == "mobile_sam":
-        import mobile_sam
+_drop_standins()
 
-        return mobile_sam
-    raise AttributeError(name)
+__all__ = ["mobile_sam", "segment_anything"]
 
 
 def build_reference_sam(

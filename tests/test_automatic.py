@@ -33,6 +33,7 @@ from napari_sam.automatic import (
     segment_everything,
 )
 from napari_sam.models.build import build_sam
+from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.predictor import SamPredictor, default_to_uint8, encode_image
 from napari_sam.registry import ModelSpec
 from napari_sam.speed.decoder import FastMaskDecoder
@@ -563,6 +564,12 @@ def test_generator_decodes_with_the_fast_twin_of_the_models_decoder(plain_pair):
     assert decoder.transformer is model.mask_decoder.transformer  # shared, not copied
     fast = speed.optimize(model, "fp32")
     assert SamAutomaticMaskGenerator(fast).decoder is fast.mask_decoder
+    # A subclass may compute something else (SAM 2's decoder): it runs as it is, never as a twin.
+    other = copy.deepcopy(model)
+    other.mask_decoder.__class__ = type("OtherDecoder", (MaskDecoder,), {})
+    assert SamAutomaticMaskGenerator(other).decoder is other.mask_decoder
+    with pytest.raises(TypeError, match="made from a MaskDecoder, got OtherDecoder"):
+        FastMaskDecoder.from_exact(other.mask_decoder)
 
 
 def _decode_shared(decoder, embedding, pe, sparse, dense, multimask=True):

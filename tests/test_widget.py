@@ -18,8 +18,11 @@ pytest.importorskip("pytestqt")
 
 from qtpy.QtCore import QTimer
 
-from napari_sam._napari._backend import Backend, ModelOption, Step, WindowOption
+from napari_sam._napari._backend import Backend, ModelOption, WindowOption
+from napari_sam._napari.prompt_layers import SlicePrompts
 from napari_sam._napari.widget import KEYS, SamWidget
+from napari_sam.intensity import Window
+from napari_sam.volume.propagation import Step
 
 pytestmark = pytest.mark.gui
 
@@ -88,9 +91,10 @@ class FakeBackend(Backend):
         return self.predictor
 
     def make_window(self, volume, mode, contrast_limits=None, rgb=False):
-        return (mode, contrast_limits)
+        # The window the widget asked for, recognisable: napari's limits, or (0, 1) otherwise.
+        return Window(*contrast_limits) if mode == "contrast_limits" else Window(0.0, 1.0)
 
-    def make_cache(self, model, volume, axis, window, cache_dir):
+    def make_cache(self, model, volume, axis, window, cache_dir, **options):
         cache = FakeCache(volume, axis, self.encode_delay)
         self.caches.append(cache)
         return cache
@@ -99,8 +103,14 @@ class FakeBackend(Backend):
         cache.get(index)
         predictor.shape = cache.slice_shape
 
-    def predict(self, predictor, prompts, mask_input, multimask):
+    def predict(self, predictor, *, points, point_labels, box, mask, mask_input, multimask):
         shape = predictor.shape
+        prompts = SlicePrompts(
+            np.zeros((0, 2)) if points is None else points,
+            np.zeros(0, int) if point_labels is None else point_labels,
+            box,
+            mask if mask_input is None else None,  # the drawn region when it is the dense prompt
+        )
         predictor.calls.append(
             {"prompts": prompts, "mask_input": mask_input, "multimask": multimask}
         )
@@ -124,7 +134,7 @@ class FakeBackend(Backend):
 
     def propagate(self, cache, predictor, seeds, *, slice_range):
         self.propagations.append({"seeds": seeds, "slice_range": slice_range})
-        lo, hi = slice_range
+        lo, hi = slice_range[0], slice_range[1] - 1  # (start, stop)
         plan = []
         for label, masks in seeds.items():
             first, last = min(masks), max(masks)
@@ -133,7 +143,7 @@ class FakeBackend(Backend):
         for done, (index, label, mask) in enumerate(plan, 1):
             time.sleep(self.step_delay)
             cache.get(index)
-            yield Step(index, {label: mask.copy()}, done, len(plan))
+            yield Step(index, {label: mask.copy()}, done=done, total=len(plan))
 
     def segment_everything(self, cache, model, index):
         shape = cache.slice_shape
@@ -184,7 +194,7 @@ def make_widget(make_napari_viewer, qtbot):
 
 def settle(qtbot, widget, timeout=10000):
     """Wait until no job runs and no re-run is pending."""
-    qtbot.waitUntil(lambda: not widget.jobs.busy and not widget._pending, timeout=timeout)
+    qtbot.waitUntil(lambda: not widget.jobs.busy and not widget.pending, timeout=timeout)
 
 
 def press(widget, layer, key):
@@ -241,7 +251,7 @@ def test_next_click_refines_with_previous_logits_and_moves_start_fresh(make_widg
     points = widget.points_layer
     points.add([0, 10, 10])
     settle(qtbot, widget)
-    first = widget._result
+    first = widget.result
     points.add([0, 10, 40])
     settle(qtbot, widget)
     call = widget.backend.predictor.calls[-1]
@@ -383,7 +393,7 @@ def test_propagation_is_one_undo_step(make_widget, qtbot):
     settle(qtbot, widget)
 
     run = widget.backend.propagations[-1]
-    assert run["slice_range"] == (1, 6)
+    assert run["slice_range"] == (1, 7)  # slices 1..6 as (start, stop)
     assert set(run["seeds"]) == {1} and set(run["seeds"][1]) == {3}
     for z in range(8):
         expected = seed if 1 <= z <= 6 else np.zeros_like(seed)
@@ -497,13 +507,13 @@ def test_window_choice_reaches_the_engine_and_contrast_limits_follow(make_widget
     settle(qtbot, widget)
     caches = widget.backend.caches
     assert len(caches) == 1 and caches[0].volume.shape == (1, 40, 50)  # a 2D image: one slice
-    assert widget._engine.window == ("contrast_limits", (60.0, 140.0))
+    assert widget.session.window == Window(60.0, 140.0)
     np.testing.assert_array_equal(widget.preview_layer.data > 0, disc((40, 50), 25, 20, 2 * R))
 
     # New contrast limits = another 8-bit image for SAM: a new cache, SAM runs again.
     image.contrast_limits = (80.0, 120.0)
     settle(qtbot, widget)
-    assert len(caches) == 2 and widget._engine.window == ("contrast_limits", (80.0, 120.0))
+    assert len(caches) == 2 and widget.session.window == Window(80.0, 120.0)
     assert widget.backend.loaded == [("fake", "auto", "auto")]  # the model itself is kept
     widget.commit()
     np.testing.assert_array_equal(widget.labels_layer.data == 1, disc((40, 50), 25, 20, 2 * R))
@@ -583,12 +593,12 @@ def test_engine_errors_are_shown_and_the_next_prompt_retries(make_widget, qtbot)
     widget.points_layer.add([2, 20, 20])
     settle(qtbot, widget)
     assert widget.status.text() == "weights.pth is not a checkpoint file"
-    assert widget._result is None and not widget.progress.isVisible()
+    assert widget.result is None and not widget.progress.isVisible()
 
     widget.backend.fail = False
     widget.points_layer.add([2, 20, 30])
     settle(qtbot, widget)
-    assert widget._job_error is None and widget.preview_layer.data[2].any()
+    assert widget.last_error is None and widget.preview_layer.data[2].any()
 
 
 def test_model_download_progress_and_cancel(make_widget, qtbot):
@@ -606,7 +616,7 @@ def test_model_download_progress_and_cancel(make_widget, qtbot):
     widget.download_cancel_button.click()
     qtbot.waitUntil(lambda: not widget.downloads.busy, timeout=5000)
     assert "cancelled" in widget.status.text() and widget.backend.downloads == []
-    assert widget._result is None and widget.download_button.isVisibleTo(widget)
+    assert widget.result is None and widget.download_button.isVisibleTo(widget)
 
     # The Download button: once the model is there, SAM runs on the waiting prompt.
     widget.download_button.click()
@@ -700,3 +710,62 @@ def test_switching_images_replaces_the_prompt_layers_in_one_batch(make_widget, q
     assert events == ["begin", "removed", "removed", "removed", "end"]
     assert widget.points_layer not in old and widget.points_layer in viewer.layers
     assert widget.points_layer.data.shape[1] == 3  # prompts in the new image's dimensions
+
+
+@pytest.mark.slow  # four layer removals, each a full garbage collection in napari
+def test_removing_layers_down_to_a_2d_viewer_keeps_the_widget_working(make_widget, qtbot):
+    """Regression: with fewer viewer dims than the image has (layers being removed), the
+    widget's slicing fell over (IndexError in _layer_axes)."""
+    viewer, image, widget = make_widget(VOLUME)
+    flat = viewer.add_image(np.zeros((48, 64), np.float32), name="flat")
+    errors = []
+    widget.set_status = lambda text, error=False: errors.append(text) if error else None
+    # One by one, as a user deletes them: the widget's own 3D layers, then the 3D image (the
+    # viewer drops to 2 dims while the widget still works on that image).
+    for layer in [widget.points_layer, widget.boxes_layer, widget.preview_layer, image]:
+        viewer.layers.remove(layer)
+    assert viewer.dims.ndim == 2 and errors == []
+    assert widget.image_layer is flat and widget.frame().axis is None
+    assert not widget.axis_combo.isEnabled()
+    widget.points_layer.add([20, 30])
+    settle(qtbot, widget)
+    np.testing.assert_array_equal(widget.preview_layer.data > 0, disc((48, 64), 30, 20, 2 * R))
+
+
+def test_download_button_shows_the_model_name_as_written(make_widget):
+    """Regression: "Download vit_b" showed as "Download vit  b"."""
+    from napari_sam._napari._models import button_text
+
+    options = [ModelOption("vit_b", "vit_b — will download 375 MB", False, True, 375_000_000)]
+    _viewer, _image, widget = make_widget(VOLUME, backend=FakeBackend(models=options))
+    button = widget.download_button
+    assert button.text() == "Download vit_b 375 MB"
+    assert button_text("R&D_model") == "R&&D_model"  # Qt shows "&&" as "&", not a mnemonic
+
+    def painted(text):
+        button.setText(text)
+        image = button.grab().toImage()
+        bits = image.constBits()
+        bits.setsize(image.sizeInBytes())
+        return np.frombuffer(bits, np.uint8).copy()
+
+    # The underscore is painted: the button differs from one with a space in its place.
+    assert (painted("Download vit_b 375 MB") != painted("Download vit b 375 MB")).any()
+
+
+def test_dock_leaves_most_of_the_default_window_to_the_canvas(make_widget, qtbot):
+    viewer, _image, widget = make_widget(VOLUME)
+    window = viewer.window._qt_window
+    window.show()
+    qtbot.waitExposed(window)
+    width = window.width()
+    hint, minimum = widget.sizeHint().width(), widget.minimumSizeHint().width()
+    print(f"main window {width} px, dock sizeHint {hint} px, minimumSizeHint {minimum} px")
+    assert hint <= width / 3 and minimum <= width / 3
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.waitUntil(lambda: canvas.width() > 0, timeout=5000)
+    assert canvas.width() >= widget.width(), (canvas.width(), widget.width())
+    # Folding a section gives its height back.
+    section = widget.sections["model"]
+    section.set_expanded(False)
+    assert not section.expanded and not widget.model_combo.isVisibleTo(widget)

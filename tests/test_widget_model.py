@@ -48,17 +48,14 @@ class SlowEncoder(Backend):
         self.delay = delay
         self.encoded: list = []
 
-    def make_cache(self, model, volume, axis, window, cache_dir):
-        from napari_sam.volume.embeddings import EmbeddingCache
+    def make_cache(self, model, volume, axis, window, cache_dir, **options):
 
         def slow(model, image):
             time.sleep(self.delay)
             self.encoded.append(image.shape)
             return encode_image(model, image)
 
-        return EmbeddingCache(
-            model, volume, axis=axis, window=window, cache_dir=cache_dir, encode_fn=slow
-        )
+        return super().make_cache(model, volume, axis, window, cache_dir, encode_fn=slow)
 
 
 def ellipsoid_volume(shape=(7, 72, 96), seed=0):
@@ -72,7 +69,7 @@ def ellipsoid_volume(shape=(7, 72, 96), seed=0):
 
 
 def settle(qtbot, widget, timeout=30000):
-    qtbot.waitUntil(lambda: not widget.jobs.busy and not widget._pending, timeout=timeout)
+    qtbot.waitUntil(lambda: not widget.jobs.busy and not widget.pending, timeout=timeout)
 
 
 @pytest.fixture
@@ -101,22 +98,22 @@ def test_real_engine_click_commit_propagate(widget_on, small_model, qtbot):
     viewer.dims.set_current_step(0, 3)
     widget.points_layer.add([3, 36, 48])
     settle(qtbot, widget)
-    result = widget._result
+    result = widget.result
     assert result is not None, widget.status.text()
     assert result.masks.shape == (3, 72, 96) and result.low_res.shape == (3, 64, 64)
     assert "predicted IoU" in widget.status.text()
     np.testing.assert_array_equal(widget.preview_layer.data[3].astype(bool), result.mask)
-    cache = widget._engine.cache
+    cache = widget.session.cache
     assert cache.cached_indices() == [3] and cache.store_path is not None  # on disk too
 
     # A second click refines with the first mask's logits through the real predictor.
     widget.points_layer.add([3, 30, 60])
     settle(qtbot, widget)
-    assert len(widget._result.masks) == 1
+    assert len(widget.result.masks) == 1
 
     # Commit a known mask (random weights segment nothing in particular): a box prompt's mask
     # is whatever the model says, so commit the preview and check it landed exactly.
-    preview = widget._result.mask.copy()
+    preview = widget.result.mask.copy()
     if not preview.any():
         pytest.fail("the random model gave an empty mask; pick another seed for the fixture")
     widget.commit()
@@ -125,7 +122,7 @@ def test_real_engine_click_commit_propagate(widget_on, small_model, qtbot):
 
     widget.propagate()
     settle(qtbot, widget)
-    assert widget._job_error is None, widget.status.text()
+    assert widget.last_error is None, widget.status.text()
     changed = [z for z in range(7) if z != 3 and labels.data[z].any()]
     assert f"Propagation done: {len(changed)} slice(s) changed" in widget.status.text()
 
@@ -133,7 +130,7 @@ def test_real_engine_click_commit_propagate(widget_on, small_model, qtbot):
     widget.backend.everything_options = {"points_per_side": 4, "pred_iou_thresh": 0.0}
     widget.segment_everything()
     settle(qtbot, widget)
-    assert widget._job_error is None, widget.status.text()
+    assert widget.last_error is None, widget.status.text()
     assert "Segment everything on slice 3: SAM found" in widget.status.text()
     np.testing.assert_array_equal(labels.data[3] == 1, preview)  # the seed is left as it was
     assert widget.points_layer.data.shape == (0, 3)
@@ -148,15 +145,15 @@ def test_real_engine_is_fast_by_default_and_exact_on_request(widget_on, small_mo
     widget.viewer.dims.set_current_step(0, 3)
     widget.points_layer.add([3, 36, 48])
     settle(qtbot, widget)
-    fast = widget._result
-    assert isinstance(widget._engine.model, FastSam) and widget._engine.model.precision == "fp32"
+    fast = widget.result
+    assert isinstance(widget.session.model, FastSam) and widget.session.model.precision == "fp32"
     assert fast is not None and fast.mask.any(), widget.status.text()
 
     widget.speed_combo.setCurrentIndex(widget.speed_combo.findData("exact"))
     widget.request_segment()
     settle(qtbot, widget)
-    exact = widget._result
-    assert widget._engine.model is small_model  # the model as given, no fast twin
+    exact = widget.result
+    assert widget.session.model is small_model  # the model as given, no fast twin
     # Same prompt, same masks: the fast path keeps the exact numbers (float rounding only).
     for a, b in zip(fast.masks, exact.masks, strict=True):
         assert np.logical_xor(a, b).sum() <= 0.0001 * a.size
@@ -188,7 +185,7 @@ def test_real_engine_stays_responsive_with_a_slow_encoder(widget_on, small_model
         settle(qtbot, widget)
     finally:
         timer.stop()
-    assert widget._job_error is None, widget.status.text()
+    assert widget.last_error is None, widget.status.text()
     assert len(backend.encoded) >= 2  # slice 3 and at least one neighbour
     gaps = np.diff(ticks)
     assert gaps.max() < 0.1, f"main thread blocked for {gaps.max() * 1e3:.0f} ms"
@@ -213,12 +210,13 @@ def test_console_session_writes_into_the_labels_layer(widget_on, small_model, qt
     labels = widget.labels_layer
     np.testing.assert_array_equal(labels.data[2] == 4, painted)
     assert session.labels.base is labels.data or session.labels is labels.data
-    # The session shares the widget's model (its fast twin, by default) and embeddings.
-    assert session.model is widget._engine.model
+    # The console's session is the widget's own: its model (the fast twin, by default) and
+    # embeddings.
+    assert session is widget.session
     assert session.model.image_encoder.patch_embed is small_model.image_encoder.patch_embed
     mask = session.segment_slice(5, box=[30, 20, 70, 50], commit=False)
     assert mask.shape == (72, 96)
-    assert 5 in widget._engine.cache.cached_indices()
+    assert 5 in widget.session.cache.cached_indices()
 
     # Saved from the console or from the layer with the plugin's writer: the same file.
     import nibabel as nib
@@ -272,8 +270,8 @@ def test_trained_model_segments_and_propagates_synthetic_objects(make_napari_vie
         viewer.dims.set_current_step(0, z)
         widget.points_layer.add([z, *_interior_point(truth[z])])
         settle(qtbot, widget, timeout=60000)
-        assert widget._job_error is None, widget.status.text()
-        ious.append(_iou(widget._result.mask, truth[z]))
+        assert widget.last_error is None, widget.status.text()
+        ious.append(_iou(widget.result.mask, truth[z]))
         widget.clear_prompts()
     print("one click IoU per volume:", np.round(ious, 3))
     assert np.mean(ious) >= 0.85
@@ -290,7 +288,7 @@ def test_trained_model_segments_and_propagates_synthetic_objects(make_napari_vie
     seed = labels.data[z].copy()
     widget.propagate()
     settle(qtbot, widget, timeout=120000)
-    assert widget._job_error is None, widget.status.text()
+    assert widget.last_error is None, widget.status.text()
     found = labels.data == 1
     dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
     print(f"propagated from slice {z}: Dice {dice:.3f}")

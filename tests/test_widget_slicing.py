@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sam._napari._jobs import seed_masks
 from napari_sam._napari._slicing import SliceFrame
 from napari_sam._napari.prompt_layers import SlicePrompts
+from napari_sam.volume.session import VolumeSession
 
 
 def test_3d_frame_maps_points_and_masks_both_ways():
@@ -68,15 +68,18 @@ def test_prompts_extend_only_by_added_clicks():
 
 
 def test_seed_masks_from_commits_and_from_painted_labels():
+    """The widget's propagation seeds are the session's (no model needed to read them)."""
     labels = np.zeros((6, 8, 8), np.uint16)
     labels[2, 1:4, 1:4] = 1
     labels[4, 5:7, 5:7] = 2
     labels[5, 0, 0] = 2
-    frame = SliceFrame.for_layer(labels.shape)
-    seeds = seed_masks(labels, frame, {1: [2, 3]})
+    session = VolumeSession(np.zeros((6, 8, 8), np.float32), model=None, labels=labels)
+    session.annotate(1, 2)
+    session.annotate(1, 3)
+    seeds = session.seeds()
     assert list(seeds) == [1] and list(seeds[1]) == [2]  # slice 3 holds nothing of label 1
     np.testing.assert_array_equal(seeds[1][2], labels[2] == 1)
     # The selected label, never committed but painted on two slices: both are seeds.
-    painted = seed_masks(labels, frame, {1: [2]}, selected=2)
+    painted = session.seeds([2])
     assert list(painted) == [2] and sorted(painted[2]) == [4, 5]
-    assert seed_masks(labels, frame, {}, selected=7) == {}
+    assert session.seeds([7]) == {}

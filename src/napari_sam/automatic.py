@@ -43,10 +43,8 @@ from napari_sam.amg_utils import (
     remove_small_regions,
     rle_to_mask,
 )
-from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.sam import Sam
 from napari_sam.predictor import SamPredictor, _check_image, encode_image
-from napari_sam.speed import is_fast
 from napari_sam.speed.decoder import FastMaskDecoder
 
 __all__ = [
@@ -519,9 +517,9 @@ def _grid_decoder(mask_decoder: nn.Module) -> nn.Module:
     """The decoder that runs the prompt grid.
 
     The fast twin of SAM's exact mask decoder (sharing its weights); a fast decoder, or a
-    decoder of any other kind, as it is.
+    decoder of any other kind (a subclass too), as it is.
     """
-    if isinstance(mask_decoder, MaskDecoder) and not is_fast(mask_decoder):
+    if FastMaskDecoder.accepts(mask_decoder):
         return FastMaskDecoder.from_exact(mask_decoder)
     return mask_decoder
 

@@ -13,10 +13,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from napari_sam.transforms import ResizeLongestSide, transform_for
 
-__all__ = ["SamPredictor", "default_to_uint8", "encode_image"]
+__all__ = ["SamPredictor", "check_prompts", "default_to_uint8", "encode_image", "image_to_rgb"]
 
 ToUint8 = Callable[[np.ndarray], np.ndarray]
 
@@ -70,6 +71,25 @@ def default_to_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def image_to_rgb(
+    image: np.ndarray, to_uint8: ToUint8, image_format: str = "RGB", model_format: str = "RGB"
+) -> np.ndarray:
+    """Check an image and convert it with ``to_uint8`` into the model's ``H x W x 3`` uint8 order.
+
+    ``image_format`` names the channel order of a colour image ("RGB" or "BGR"); it is flipped
+    when it differs from ``model_format``.
+    """
+    if image_format not in ("RGB", "BGR"):
+        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    image = _check_image(image)
+    rgb = to_uint8(image)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"to_uint8 must return an HxWx3 uint8 array, got {rgb.dtype} {rgb.shape}")
+    if image.ndim == 3 and image_format != model_format:
+        rgb = np.ascontiguousarray(rgb[..., ::-1])
+    return rgb
+
+
 def _input_tensor(transform: ResizeLongestSide, rgb: np.ndarray, device) -> torch.Tensor:
     """Resize an ``H x W x 3`` uint8 image into a ``1 x 3 x h x w`` uint8 tensor."""
     resized = transform.apply_image(rgb)
@@ -90,6 +110,100 @@ def encode_image(model, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int
     tensor = _input_tensor(transform_for(model), image, model.device)
     embedding = model.image_encoder(model.preprocess(tensor))
     return embedding, tuple(tensor.shape[-2:])
+
+
+def check_prompts(
+    point_coords: ArrayLike | None,
+    point_labels: ArrayLike | None,
+    box: ArrayLike | None,
+    mask_input: ArrayLike | None,
+    image_size: tuple[int, int],
+    low_res_side: int,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Validate one prompt set against an image.
+
+    Parameters
+    ----------
+    point_coords : array_like, shape (N, 2), optional
+        ``(x, y)`` pixels.
+    point_labels : array_like, shape (N,), optional
+    box : array_like, shape (4,), optional
+    mask_input : array_like, shape (1, L, L) or (L, L), optional
+    image_size : (int, int)
+        ``(H, W)`` the points and box must lie in.
+    low_res_side : int
+        ``L``, the side of a mask input.
+
+    Returns
+    -------
+    coords : ndarray, shape (N, 2), float64, or None
+    labels : ndarray, shape (N,), or None
+    box : ndarray, shape (1, 4), float64, or None
+    mask : ndarray, shape (1, L, L), float32, or None
+
+    Raises
+    ------
+    ValueError
+        Saying what to change, for any bad prompt or none at all.
+    """
+    h, w = image_size
+    coords = labels = boxes = masks = None
+    if point_coords is not None and np.asarray(point_coords).size:
+        coords = np.asarray(point_coords, dtype=np.float64)
+        if coords.ndim != 2 or coords.shape[1] != 2:
+            raise ValueError(
+                f"point_coords must be an Nx2 array of (x, y) pixels, got shape {coords.shape}"
+            )
+        if point_labels is None:
+            raise ValueError("point_labels must be given with point_coords (1 = fg, 0 = bg)")
+        labels = np.asarray(point_labels)
+        if labels.shape != (len(coords),):
+            raise ValueError(
+                f"point_labels must have shape ({len(coords)},) to match point_coords, "
+                f"got {labels.shape}"
+            )
+        if not np.isin(labels, (-1, 0, 1, 2, 3)).all():
+            raise ValueError("point_labels must be 1 (foreground) or 0 (background)")
+        if not np.isfinite(coords).all():
+            raise ValueError("point_coords contain NaN or infinite values")
+        outside = (coords[:, 0] < 0) | (coords[:, 0] > w) | (coords[:, 1] < 0) | (coords[:, 1] > h)
+        if outside.any():
+            x, y = coords[np.argmax(outside)]
+            raise ValueError(
+                f"point ({x:g}, {y:g}) lies outside the image (width {w}, height {h}); "
+                "points are (x, y) in pixels of the original image"
+            )
+    elif point_labels is not None and np.asarray(point_labels).size:
+        raise ValueError("point_labels were given without point_coords")
+    if box is not None:
+        boxes = np.asarray(box, dtype=np.float64)
+        if boxes.size != 4:
+            raise ValueError(
+                f"box must be 4 numbers (x0, y0, x1, y1) in pixels, got shape {boxes.shape}"
+            )
+        boxes = boxes.reshape(1, 4)
+        x0, y0, x1, y1 = boxes[0]
+        if not np.isfinite(boxes).all() or x1 < x0 or y1 < y0:
+            raise ValueError(f"box must be finite with x0 <= x1 and y0 <= y1, got {box}")
+        if x1 < 0 or y1 < 0 or x0 > w or y0 > h:
+            raise ValueError(f"box {list(boxes[0])} lies outside the image (width {w}, height {h})")
+    if mask_input is not None:
+        masks = np.asarray(mask_input, dtype=np.float32)
+        side = low_res_side
+        if masks.shape == (side, side):
+            masks = masks[None]
+        if masks.shape != (1, side, side):
+            raise ValueError(
+                f"mask_input must have shape (1, {side}, {side}) (low-res logits from a "
+                f"previous predict), got {masks.shape}"
+            )
+        if not np.isfinite(masks).all():
+            raise ValueError("mask_input contains NaN or infinite values")
+    if coords is None and boxes is None and masks is None:
+        raise ValueError(
+            "no prompt given: pass point_coords with point_labels, a box, or a mask_input"
+        )
+    return coords, labels, boxes, masks
 
 
 class SamPredictor:
@@ -142,16 +256,7 @@ class SamPredictor:
         image_format : {"RGB", "BGR"}
             Channel order of a colour image.
         """
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = _check_image(image)
-        rgb = self.to_uint8(image)
-        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
-            raise ValueError(
-                f"to_uint8 must return an HxWx3 uint8 array, got {rgb.dtype} {rgb.shape}"
-            )
-        if image.ndim == 3 and image_format != self.model.image_format:
-            rgb = np.ascontiguousarray(rgb[..., ::-1])
+        rgb = image_to_rgb(image, self.to_uint8, image_format, self.model.image_format)
         self.set_torch_image(_input_tensor(self.transform, rgb, self.device), rgb.shape[:2])
 
     @torch.no_grad()
@@ -228,69 +333,16 @@ class SamPredictor:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def _check_prompts(self, point_coords, point_labels, box, mask_input):
-        h, w = self.original_size
-        coords = labels = boxes = masks = None
-        if point_coords is not None and np.asarray(point_coords).size:
-            coords = np.asarray(point_coords, dtype=np.float64)
-            if coords.ndim != 2 or coords.shape[1] != 2:
-                raise ValueError(
-                    f"point_coords must be an Nx2 array of (x, y) pixels, got shape {coords.shape}"
-                )
-            if point_labels is None:
-                raise ValueError("point_labels must be given with point_coords (1 = fg, 0 = bg)")
-            labels = np.asarray(point_labels)
-            if labels.shape != (len(coords),):
-                raise ValueError(
-                    f"point_labels must have shape ({len(coords)},) to match point_coords, "
-                    f"got {labels.shape}"
-                )
-            if not np.isin(labels, (-1, 0, 1, 2, 3)).all():
-                raise ValueError("point_labels must be 1 (foreground) or 0 (background)")
-            if not np.isfinite(coords).all():
-                raise ValueError("point_coords contain NaN or infinite values")
-            outside = (
-                (coords[:, 0] < 0) | (coords[:, 0] > w) | (coords[:, 1] < 0) | (coords[:, 1] > h)
-            )
-            if outside.any():
-                x, y = coords[np.argmax(outside)]
-                raise ValueError(
-                    f"point ({x:g}, {y:g}) lies outside the image (width {w}, height {h}); "
-                    "points are (x, y) in pixels of the original image"
-                )
-        elif point_labels is not None and np.asarray(point_labels).size:
-            raise ValueError("point_labels were given without point_coords")
-        if box is not None:
-            boxes = np.asarray(box, dtype=np.float64)
-            if boxes.size != 4:
-                raise ValueError(
-                    f"box must be 4 numbers (x0, y0, x1, y1) in pixels, got shape {boxes.shape}"
-                )
-            boxes = boxes.reshape(1, 4)
-            x0, y0, x1, y1 = boxes[0]
-            if not np.isfinite(boxes).all() or x1 < x0 or y1 < y0:
-                raise ValueError(f"box must be finite with x0 <= x1 and y0 <= y1, got {box}")
-            if x1 < 0 or y1 < 0 or x0 > w or y0 > h:
-                raise ValueError(
-                    f"box {list(boxes[0])} lies outside the image (width {w}, height {h})"
-                )
-        if mask_input is not None:
-            masks = np.asarray(mask_input, dtype=np.float32)
-            side = self._low_res_size
-            if masks.shape == (side, side):
-                masks = masks[None]
-            if masks.shape != (1, side, side):
-                raise ValueError(
-                    f"mask_input must have shape (1, {side}, {side}) (low-res logits from a "
-                    f"previous predict), got {masks.shape}"
-                )
-            if not np.isfinite(masks).all():
-                raise ValueError("mask_input contains NaN or infinite values")
-        if coords is None and boxes is None and masks is None:
-            raise ValueError(
-                "no prompt given: pass point_coords with point_labels, a box, or a mask_input"
-            )
-        return coords, labels, boxes, masks
+    def _check_prompts(
+        self,
+        point_coords: ArrayLike | None,
+        point_labels: ArrayLike | None,
+        box: ArrayLike | None,
+        mask_input: ArrayLike | None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        return check_prompts(
+            point_coords, point_labels, box, mask_input, self.original_size, self._low_res_size
+        )
 
     def predict(
         self,

@@ -19,8 +19,13 @@ __all__ = ["DEFAULT_MODEL", "MODELS", "ModelSpec", "custom_vit_spec", "get_spec"
 SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 SAM_HOMEPAGE = "https://github.com/facebookresearch/segment-anything"
 
-EncoderKind = Literal["vit", "tiny_vit"]
-Preprocessing = Literal["sam", "medsam"]
+SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+SAM2_HOMEPAGE = "https://github.com/facebookresearch/sam2"
+
+Family = Literal["sam", "sam2"]
+EncoderKind = Literal["vit", "tiny_vit", "hiera"]
+Preprocessing = Literal["sam", "medsam", "sam2"]
+_ENCODERS = {"sam": ("vit", "tiny_vit"), "sam2": ("hiera",)}
 
 
 @dataclass(frozen=True)
@@ -31,19 +36,23 @@ class ModelSpec:
     ----------
     name : str
         Registry key, e.g. ``"vit_b"``.
-    encoder : {"vit", "tiny_vit"}
-        Image-encoder family.
+    encoder : {"vit", "tiny_vit", "hiera"}
+        Image-encoder type (``"hiera"`` for the SAM 2 family).
     encoder_kwargs : mapping
         Keyword arguments of the encoder's constructor besides ``img_size``
         (ViT: ``embed_dim``, ``depth``, ``num_heads``, ``global_attn_indexes``;
-        TinyViT: ``embed_dims``, ``depths``, ``num_heads``, ``window_sizes``).
+        TinyViT: ``embed_dims``, ``depths``, ``num_heads``, ``window_sizes``;
+        Hiera: ``embed_dim``, ``num_heads``, ``stages``, ``global_att_blocks``,
+        ``window_spec``, ``window_pos_embed_bkg_spatial_size``).
     image_size : int
         Side of the square encoder input in pixels (1024 for the official models). The
         embedding is ``image_size // 16`` on a side and the low-resolution masks are four
         times that.
-    preprocessing : {"sam", "medsam"}
+    preprocessing : {"sam", "medsam", "sam2"}
         ``"sam"``: resize the long side to ``image_size``, normalise with the pixel mean/std,
         pad bottom/right. ``"medsam"``: stretch to ``image_size`` squared, scale to [0, 1].
+        ``"sam2"``: stretch to ``image_size`` squared, scale to [0, 1], normalise with the
+        ImageNet mean/std (SAM 2 and MedSAM2).
     url, filename, sha256, size_bytes, license
         Where the official weights live and how to verify them. ``url=None`` means no stable
         URL exists and the user supplies the file.
@@ -59,6 +68,10 @@ class ModelSpec:
     test_fixture : bool
         True for the small model trained by this project on synthetic shapes only. Never a
         default.
+    family : {"sam", "sam2"}
+        ``"sam"``: SAM / MobileSAM / MedSAM (built by ``models.build.build_sam``).
+        ``"sam2"``: SAM 2.1 and MedSAM2, with memory for tracking
+        (``models.sam2.build.build_sam2``).
     """
 
     name: str
@@ -77,13 +90,20 @@ class ModelSpec:
     hub_repo: str | None = None
     hub_revision: str | None = None
     hub_files: Mapping[str, str | None] = field(default_factory=dict)
+    family: Family = "sam"
 
     def __post_init__(self) -> None:
-        if self.image_size % 16:
-            raise ValueError(f"image_size must be a multiple of 16, got {self.image_size}")
-        if self.encoder not in ("vit", "tiny_vit"):
-            raise ValueError(f"unknown encoder {self.encoder!r}; expected 'vit' or 'tiny_vit'")
-        if self.preprocessing not in ("sam", "medsam"):
+        if self.family not in _ENCODERS:
+            raise ValueError(f"unknown model family {self.family!r}; expected 'sam' or 'sam2'")
+        step = 32 if self.family == "sam2" else 16
+        if self.image_size % step:
+            raise ValueError(f"image_size must be a multiple of {step}, got {self.image_size}")
+        if self.encoder not in _ENCODERS[self.family]:
+            expected = " or ".join(repr(e) for e in _ENCODERS[self.family])
+            raise ValueError(
+                f"unknown encoder {self.encoder!r} for family {self.family!r}; expected {expected}"
+            )
+        if self.preprocessing not in ("sam", "medsam", "sam2"):
             raise ValueError(f"unknown preprocessing {self.preprocessing!r}")
         if self.hub_repo is not None:
             if self.hub_repo.count("/") != 1 or not self.hub_files or not self.hub_revision:
@@ -261,7 +281,107 @@ _OFFICIAL = [
     ),
 ]
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _OFFICIAL}
+
+def _hiera(
+    embed_dim: int,
+    num_heads: int,
+    stages: tuple[int, ...],
+    global_att: tuple[int, ...],
+    window_spec: tuple[int, ...] = (8, 4, 14, 7),
+    background: tuple[int, int] = (7, 7),
+) -> dict:
+    return {
+        "embed_dim": embed_dim,
+        "num_heads": num_heads,
+        "stages": stages,
+        "global_att_blocks": global_att,
+        "window_spec": window_spec,
+        "window_pos_embed_bkg_spatial_size": background,
+    }
+
+
+HIERA_TINY = _hiera(96, 1, (1, 2, 7, 2), (5, 7, 9))
+_SAM2_NO_CHECKSUM = (
+    " Meta publishes no checksum or byte size for this file; the downloader reports the "
+    "sha256 it saw."
+)
+
+
+def _sam2(name: str, size: str, hiera: dict, file: str, params: str, note: str) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        family="sam2",
+        encoder="hiera",
+        encoder_kwargs=hiera,
+        preprocessing="sam2",
+        url=SAM2_BASE_URL + file,
+        filename=file,
+        sha256=None,
+        size_bytes=None,
+        description=f"SAM 2.1 Hiera-{size} ({params} parameters), Meta AI: {note}. "
+        "Tracks an object through a volume's slices with memory." + _SAM2_NO_CHECKSUM,
+        homepage=SAM2_HOMEPAGE,
+    )
+
+
+_SAM2 = [
+    _sam2(
+        "sam2.1_hiera_tiny",
+        "T",
+        HIERA_TINY,
+        "sam2.1_hiera_tiny.pt",
+        "39 M",
+        "the fastest SAM 2.1 (about 150 MiB)",
+    ),
+    _sam2(
+        "sam2.1_hiera_small",
+        "S",
+        _hiera(96, 1, (1, 2, 11, 2), (7, 10, 13)),
+        "sam2.1_hiera_small.pt",
+        "46 M",
+        "about 180 MiB",
+    ),
+    _sam2(
+        "sam2.1_hiera_base_plus",
+        "B+",
+        _hiera(112, 2, (2, 3, 16, 3), (12, 16, 20), background=(14, 14)),
+        "sam2.1_hiera_base_plus.pt",
+        "81 M",
+        "about 310 MiB",
+    ),
+    _sam2(
+        "sam2.1_hiera_large",
+        "L",
+        _hiera(144, 2, (2, 6, 36, 4), (23, 33, 43), window_spec=(8, 4, 16, 8)),
+        "sam2.1_hiera_large.pt",
+        "224 M",
+        "the most accurate, the slowest (about 860 MiB)",
+    ),
+    ModelSpec(
+        name="medsam2",
+        family="sam2",
+        encoder="hiera",
+        encoder_kwargs=HIERA_TINY,
+        image_size=512,
+        preprocessing="sam2",
+        # Distributed on the Hugging Face Hub (wanglab/MedSAM2, file MedSAM2_latest.pt), not
+        # at a stable plain URL.
+        url=None,
+        filename="MedSAM2_latest.pt",
+        sha256=None,
+        size_bytes=None,
+        description=(
+            "MedSAM2 (SAM 2.1 Hiera-T fine-tuned on 455 k 3D medical image-mask pairs, "
+            "512 x 512 input; CT/MR windowed to 0-255, stretched to 512, ImageNet "
+            "normalisation). Get MedSAM2_latest.pt from the Hugging Face repository "
+            "wanglab/MedSAM2 and pass it as the checkpoint, or put it in the model cache "
+            "folder. No checksum is published."
+        ),
+        homepage="https://github.com/bowang-lab/MedSAM2",
+    ),
+]
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _OFFICIAL + _SAM2}
 DEFAULT_MODEL = "vit_h"  # as in segment_anything's registry ("default" -> vit_h)
 
 

@@ -1,17 +1,18 @@
-"""What the widget's background jobs do, without Qt: prepare the engine, segment, propagate.
+"""What the widget's background jobs do, without Qt: bring the session up to date, segment,
+propagate.
 
-Each job is a generator run in a napari worker thread. It yields status strings (shown in the
-widget), an :class:`Adopt` carrying the engine it built (kept by the main thread for the next
-job) and, when propagating, one :class:`~._backend.Step` per finished slice; a segmentation job
-returns its :class:`Result`. The jobs touch no layer: what they need from the viewer is
-snapshotted on the main thread into a :class:`Setup` or a :class:`Request` first.
+Each job is a generator run in a napari worker thread on the widget's one
+:class:`~napari_sam.volume.session.VolumeSession`. It yields status strings (shown in the
+widget) and, when propagating, one :class:`~napari_sam.volume.propagation.Step` per finished
+slice, which the main thread writes through the session; a segmentation job returns its
+:class:`Result`. The jobs touch no layer: what they need from the viewer is snapshotted on the
+main thread into a :class:`Setup` first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,28 +20,34 @@ from napari_sam._napari._backend import Backend
 from napari_sam._napari._slicing import SliceFrame
 from napari_sam._napari.prompt_layers import SlicePrompts
 
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Generator
+
+    from napari_sam.volume.session import VolumeSession
+
 __all__ = [
-    "Adopt",
-    "Engine",
-    "Request",
+    "Prepared",
     "Result",
     "Setup",
     "everything_job",
     "prepare",
     "propagate_job",
-    "seed_masks",
+    "run_now",
     "segment_job",
 ]
 
 
 @dataclass(frozen=True)
 class Setup:
-    """What the engine needs for the widget's current choices.
+    """What the session needs for the widget's current choices.
 
-    ``model_key`` and ``cache_key`` name everything the model and the embedding cache depend on,
-    so a job rebuilds only what changed.
+    ``model_key`` names everything the model depends on and ``target_key`` everything the
+    volume and its embeddings depend on (image data, slicing, window), so a job redoes only
+    what changed. ``writer`` is the target labels layer's writer (None: no layer yet, or one
+    of another shape).
     """
 
+    frame: SliceFrame
     model_source: Any
     device: str
     precision: str
@@ -49,38 +56,24 @@ class Setup:
     window_mode: str
     contrast_limits: tuple[float, float] | None
     rgb: bool
-    cache_dir: Path | None
+    geometry: dict
+    writer: Any
+    labels_key: Any
     model_key: tuple
-    cache_key: tuple
-
-
-@dataclass(frozen=True)
-class Engine:
-    """A loaded model with its predictor, and the embedding cache of one volume."""
-
-    model_key: tuple
-    model: Any
-    predictor: Any
-    cache_key: tuple | None = None
-    cache: Any = None
-    window: Any = None
+    target_key: tuple
 
 
 @dataclass
-class Request:
-    """One run of SAM on the prompts of one slice."""
+class Prepared:
+    """Which choices the session was last brought to (None: not yet)."""
 
-    setup: Setup
-    frame: SliceFrame
-    index: int
-    prompts: SlicePrompts
-    mask_input: np.ndarray | None
-    multimask: bool
+    model_key: tuple | None = None
+    target_key: tuple | None = None
 
 
 @dataclass
 class Result:
-    """SAM's answer for a :class:`Request`; ``chosen`` is the mask on show."""
+    """SAM's answer for the prompts of one slice; ``chosen`` is the mask on show."""
 
     frame: SliceFrame
     index: int
@@ -95,110 +88,108 @@ class Result:
         return self.masks[self.chosen]
 
 
-@dataclass
-class Adopt:
-    """Yielded by a job to hand the engine it built to the main thread early."""
-
-    engine: Engine
-
-
-def prepare(backend: Backend, setup: Setup, engine: Engine | None):
-    """Generator: load the model and open the embedding cache when they changed; returns the
-    engine to use."""
-    if engine is None or engine.model_key != setup.model_key:
+def prepare(
+    backend: Backend,
+    session: VolumeSession,
+    setup: Setup,
+    prepared: Prepared,
+    *,
+    model: bool = True,
+) -> Generator[str, None, None]:
+    """Generator: bring ``session`` to ``setup`` (load the model when it changed, re-target the
+    volume when the image, slicing or window changed); ``model=False`` skips the model."""
+    if model and prepared.model_key != setup.model_key:
         yield "Loading the model…"
-        model = backend.load_model(setup.model_source, setup.device, setup.precision)
-        engine = Engine(setup.model_key, model, backend.make_predictor(model))
-    if engine.cache_key != setup.cache_key:
+        prepared.model_key = None
+        session.set_model(backend.load_model(setup.model_source, setup.device, setup.precision))
+        prepared.model_key = setup.model_key
+    if prepared.target_key != setup.target_key:
         yield "Preparing the intensity window…"
+        prepared.target_key = None
         window = backend.make_window(
             setup.volume, setup.window_mode, setup.contrast_limits, setup.rgb
         )
-        cache = backend.make_cache(
-            engine.model, setup.volume, setup.engine_axis, window, setup.cache_dir
+        session.set_volume(
+            setup.volume,
+            axis=setup.engine_axis,
+            window=window,
+            writer=setup.writer,
+            labels_key=setup.labels_key,
+            **setup.geometry,
         )
-        engine = replace(engine, cache_key=setup.cache_key, cache=cache, window=window)
-    return engine
+        prepared.target_key = setup.target_key
+    elif setup.writer is not None and session.writer is not setup.writer:
+        session.set_labels(writer=setup.writer, key=setup.labels_key)
 
 
-def segment_job(backend: Backend, request: Request, engine: Engine | None):
+def run_now(job: Generator) -> Any:
+    """Run a job generator to its end here (napari's console runs on the main thread)."""
+    while True:
+        try:
+            next(job)
+        except StopIteration as done:
+            return done.value
+
+
+def segment_job(
+    backend: Backend,
+    session: VolumeSession,
+    setup: Setup,
+    prepared: Prepared,
+    index: int,
+    prompts: SlicePrompts,
+    mask_input: np.ndarray | None,
+    multimask: bool,
+) -> Generator[str, None, Result]:
     """Generator: encode the slice if needed (saying so) and decode the prompts."""
-    engine = yield from prepare(backend, request.setup, engine)
-    yield Adopt(engine)
-    if not backend.is_encoded(engine.cache, request.index):
-        yield f"Encoding slice {request.index}…"
-    backend.embed(engine.cache, engine.predictor, request.index)
-    masks, ious, low_res = backend.predict(
-        engine.predictor, request.prompts, request.mask_input, request.multimask
-    )
-    chosen = int(np.argmax(ious))  # the mask SAM rates best
-    return Result(request.frame, request.index, request.prompts, masks, ious, low_res, chosen)
-
-
-def everything_job(backend: Backend, setup: Setup, engine: Engine | None, index: int):
-    """Generator: all objects SAM finds on one slice; returns ``(index, label image)``."""
-    engine = yield from prepare(backend, setup, engine)
-    yield Adopt(engine)
-    if not backend.is_encoded(engine.cache, index):
+    yield from prepare(backend, session, setup, prepared)
+    if not session.is_encoded(index):
         yield f"Encoding slice {index}…"
-    labels = yield from backend.segment_everything(engine.cache, engine.model, index)
+    has_points = len(prompts.points) > 0
+    result = session.preview(
+        index,
+        points=prompts.points if has_points else None,
+        point_labels=prompts.labels if has_points else None,
+        box=prompts.box,
+        mask=prompts.mask,
+        mask_input=mask_input,
+        multimask=multimask,
+    )
+    chosen = int(np.argmax(result.scores))  # the mask SAM rates best
+    return Result(
+        setup.frame, index, prompts, result.masks, result.scores, result.all_logits, chosen
+    )
+
+
+def everything_job(
+    backend: Backend, session: VolumeSession, setup: Setup, prepared: Prepared, index: int
+) -> Generator[str, None, tuple[int, np.ndarray]]:
+    """Generator: all objects SAM finds on one slice; returns ``(index, label image)``."""
+    yield from prepare(backend, session, setup, prepared)
+    if not session.is_encoded(index):
+        yield f"Encoding slice {index}…"
+    labels = yield from session.segment_everything_iter(index)
     return index, labels
 
 
 def propagate_job(
     backend: Backend,
+    session: VolumeSession,
     setup: Setup,
-    engine: Engine | None,
-    seed_source: tuple,
+    prepared: Prepared,
+    label_ids: list[int] | None,
     slice_range: tuple[int, int],
-):
-    """Generator: read the seeds, then yield one ``Step`` per propagated slice.
+) -> Generator[Any, None, None]:
+    """Generator: read the seeds, then yield one ``Step`` per propagated slice (unwritten).
 
-    ``seed_source`` holds the arguments of :func:`seed_masks`; reading seeds scans the whole
-    labels volume, which is why it happens here and not on the main thread.
+    Reading seeds scans the labels volume, which is why it happens here and not on the main
+    thread. ``slice_range`` is ``(start, stop)``.
     """
-    seeds = seed_masks(*seed_source)
+    yield from prepare(backend, session, setup, prepared)
+    seeds = session.seeds(label_ids)
     if not seeds:
-        hint = ", or paint the selected label on a slice" if seed_source[3] else ""
+        hint = ", or paint the selected label on a slice" if label_ids else ""
         raise ValueError(f"Nothing to propagate: commit a mask (C) on a slice first{hint}.")
-    engine = yield from prepare(backend, setup, engine)
-    yield Adopt(engine)
     n = sum(len(m) for m in seeds.values())
     yield f"Propagating {len(seeds)} object(s) from {n} seed slice(s)…"
-    yield from backend.propagate(engine.cache, engine.predictor, seeds, slice_range=slice_range)
-
-
-def seed_masks(
-    labels: np.ndarray,
-    frame: SliceFrame,
-    committed: dict[int, list[int]],
-    selected: int | None = None,
-) -> dict[int, dict[int, np.ndarray]]:
-    """The seeds of a propagation: label id -> {slice -> mask}, read from the labels volume.
-
-    Parameters
-    ----------
-    labels : ndarray
-        The target labels layer's data (so hand edits of committed slices count).
-    frame : SliceFrame
-        Which slices.
-    committed : dict
-        Label id -> slices where the widget committed that label.
-    selected : int, optional
-        Propagate only this label; if it was never committed, every slice where it is present
-        (painted by hand) is a seed.
-    """
-    if selected is not None:
-        committed = {selected: committed.get(selected, [])}
-        if not committed[selected] and frame.axis is not None:
-            volume = frame.volume(labels)
-            axes = tuple(a for a in range(volume.ndim) if a != frame.engine_axis)
-            present = np.flatnonzero((volume == selected).any(axis=axes))
-            committed = {selected: present.tolist()}
-    seeds: dict[int, dict[int, np.ndarray]] = {}
-    for label, indices in committed.items():
-        masks = {i: np.array(frame.slice_of(labels, i) == label) for i in indices}
-        masks = {i: m for i, m in masks.items() if m.any()}
-        if masks:
-            seeds[label] = masks
-    return seeds
+    yield from session.propagation_steps(seeds=seeds, slice_range=slice_range)

@@ -40,19 +40,35 @@ from typing import Any
 
 import numpy as np
 
-from napari_sam.commands.amg import add_precision_option
+from napari_sam.commands import _text
+from napari_sam.commands._options import (
+    add_axis_option,
+    add_device_option,
+    add_embedding_store_options,
+    add_model_options,
+    add_precision_option,
+    add_window_option,
+    parse_slices,
+    window_from_args,
+)
+from napari_sam.prompts import Prompts
 
-__all__ = ["ObjectPrompts", "SlicePrompt", "add_parser", "load_prompts", "parse_window", "run"]
+__all__ = [
+    "ObjectPrompts",
+    "SlicePrompt",
+    "add_parser",
+    "add_session_options",
+    "load_prompts",
+    "run",
+]
 
 
 @dataclass
 class SlicePrompt:
-    """Prompts for one object on one slice."""
+    """One object's prompts on one slice of the volume, or the mark that it is absent there."""
 
     slice: int
-    box: list[float] | None = None
-    points: list[list[float]] = field(default_factory=list)
-    negative: list[list[float]] = field(default_factory=list)
+    prompts: Prompts = field(default_factory=Prompts)
     absent: bool = False
 
 
@@ -75,7 +91,9 @@ def add_parser(subparsers) -> None:
             "conventions in docs/scripting.md."
         ),
     )
-    p.add_argument("volume", type=Path, help="the volume, .nii or .nii.gz")
+    p.add_argument(
+        "volume", type=Path, help="the volume, .nii or .nii.gz (with --text also a 2-D image)"
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="labels file to write")
     p.add_argument("--slice", type=int, dest="slice_index", metavar="Z", help="slice of the prompt")
     p.add_argument(
@@ -92,7 +110,7 @@ def add_parser(subparsers) -> None:
         )
     p.add_argument("--prompts", type=Path, help="JSON file with objects and prompts")
     p.add_argument("--label", type=int, default=1, help="label value of the object (default: 1)")
-    _add_model_arguments(p)
+    add_session_options(p)
     p.add_argument("--no-propagate", action="store_true", help="segment the prompted slices only")
     p.add_argument(
         "--slices",
@@ -119,75 +137,21 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _text.add_text_arguments(p)
     p.set_defaults(func=run)
 
 
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``segment`` and ``embed``."""
-    p.add_argument(
-        "--model",
-        default="vit_b",
-        help="registered model name or a checkpoint file (default: vit_b)",
-    )
-    p.add_argument("--checkpoint", type=Path, help="weights file for the named model")
-    p.add_argument(
-        "--window",
-        default="auto",
-        help="intensity window: auto, a CT preset (soft_tissue, lung, bone, brain, "
-        "mediastinum, liver), percentile, minmax, or LOW,HIGH (default: auto)",
-    )
-    p.add_argument(
-        "--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis (default: 0)"
-    )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="embedding store folder (default: $NAPARI_SAM_EMBEDDINGS or the cache folder)",
-    )
-    p.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+def add_session_options(p: argparse.ArgumentParser) -> None:
+    """Add the options of a :class:`~napari_sam.volume.session.VolumeSession`.
+
+    Model, window, axis, embedding store, device and precision (``segment``, ``embed``).
+    """
+    add_model_options(p)
+    add_window_option(p)
+    add_axis_option(p)
+    add_embedding_store_options(p)
+    add_device_option(p)
     add_precision_option(p)
-
-
-def parse_window(text: str) -> str | tuple[float, float]:
-    """``"LOW,HIGH"`` -> bounds; anything else is a window mode name."""
-    from napari_sam.cli import CommandError
-
-    if "," in text:
-        try:
-            low, high = (float(v) for v in text.split(","))
-        except ValueError:
-            raise CommandError(f"--window {text!r}: expected LOW,HIGH (two numbers)") from None
-        if not high > low:
-            raise CommandError(f"--window {text!r}: HIGH must be greater than LOW")
-        return low, high
-    return text
-
-
-def parse_slices(text: str | None, num_slices: int) -> tuple[int, int] | None:
-    """``"A:B"``, ``"A:"``, ``":B"`` or ``"A"`` -> ``(start, stop)`` checked against the axis."""
-    from napari_sam.cli import CommandError
-
-    if text is None:
-        return None
-    parts = text.split(":")
-    try:
-        if len(parts) == 1:
-            start = int(parts[0])
-            stop = start + 1
-        elif len(parts) == 2:
-            start = int(parts[0]) if parts[0] else 0
-            stop = int(parts[1]) if parts[1] else num_slices
-        else:
-            raise ValueError
-    except ValueError:
-        raise CommandError(f"--slices {text!r}: expected A:B, A:, :B or A (integers)") from None
-    if not 0 <= start < stop <= num_slices:
-        raise CommandError(
-            f"--slices {text!r} selects no valid slice: the axis has {num_slices} slices "
-            f"(0..{num_slices - 1})"
-        )
-    return start, stop
 
 
 def load_prompts(path: Path) -> list[ObjectPrompts]:
@@ -249,20 +213,20 @@ def _parse_slice_prompt(p: Any, where: str, fail) -> SlicePrompt:
     index = p.get("slice")
     if isinstance(index, bool) or not isinstance(index, int):
         raise fail(where, f"'slice' must be an integer, got {index!r}")
-    out = SlicePrompt(index, absent=bool(p.get("absent", False)))
-    if "box" in p:
-        out.box = _numbers(p["box"], 4, f"{where}.box", fail)
+    absent = bool(p.get("absent", False))
+    box = _numbers(p["box"], 4, f"{where}.box", fail) if "box" in p else None
+    clicks = {}
     for key in ("points", "negative"):
         value = p.get(key, [])
         if not isinstance(value, list):
             raise fail(f"{where}.{key}", "expected a list of [x, y]")
-        setattr(out, key, [_numbers(v, 2, f"{where}.{key}", fail) for v in value])
-    has_prompt = out.box is not None or out.points or out.negative
-    if out.absent and has_prompt:
+        clicks[key] = [_numbers(v, 2, f"{where}.{key}", fail) for v in value]
+    prompts = Prompts.from_clicks(clicks["points"], clicks["negative"], box)
+    if absent and not prompts.empty:
         raise fail(where, "'absent' cannot be combined with a box or points")
-    if not out.absent and not has_prompt:
+    if not absent and prompts.empty:
         raise fail(where, "give a 'box', 'points' or 'negative' (or 'absent': true)")
-    return out
+    return SlicePrompt(index, prompts, absent)
 
 
 def _numbers(value: Any, n: int, where: str, fail) -> list[float]:
@@ -281,25 +245,26 @@ def check_prompt(prompt: SlicePrompt, num_slices: int, slice_shape: tuple[int, i
     from napari_sam.cli import CommandError
 
     h, w = slice_shape
+    prompts = prompt.prompts
     if not 0 <= prompt.slice < num_slices:
         raise CommandError(
             f"{what}: slice {prompt.slice} is outside the volume: the axis has {num_slices} "
             f"slices (0..{num_slices - 1})"
         )
-    for x, y in [*prompt.points, *prompt.negative]:
+    for x, y in prompts.points:
         if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
             raise CommandError(
                 f"{what}: point ({x:g}, {y:g}) is outside slice {prompt.slice} "
                 f"(x 0..{w - 1}, y 0..{h - 1})"
             )
-    if prompt.box is not None:
-        x0, y0, x1, y1 = prompt.box
+    if prompts.box is not None:
+        box = prompts.box.tolist()
+        x0, y0, x1, y1 = box
         if not (x0 < x1 and y0 < y1):
-            raise CommandError(f"{what}: box {prompt.box} needs X0 < X1 and Y0 < Y1")
+            raise CommandError(f"{what}: box {box} needs X0 < X1 and Y0 < Y1")
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
             raise CommandError(
-                f"{what}: box {prompt.box} reaches outside slice {prompt.slice} "
-                f"(x 0..{w}, y 0..{h})"
+                f"{what}: box {box} reaches outside slice {prompt.slice} (x 0..{w}, y 0..{h})"
             )
 
 
@@ -320,15 +285,10 @@ def _inline_prompts(args: argparse.Namespace) -> list[ObjectPrompts]:
         raise CommandError("--box/--point need --slice Z (the slice they are on)")
     if not 1 <= args.label <= 65535:
         raise CommandError(f"--label must be 1..65535, got {args.label}")
-    prompt = SlicePrompt(
-        args.slice_index,
-        box=list(args.box) if args.box is not None else None,
-        points=[list(p) for p in args.point or []],
-        negative=[list(p) for p in args.negative or []],
-    )
-    if not prompt.points and prompt.box is None:
+    prompts = Prompts.from_clicks(args.point or [], args.negative or [], args.box)
+    if not (prompts.labels == 1).any() and prompts.box is None:
         raise CommandError("--negative alone cannot select an object: add --point or --box")
-    return [ObjectPrompts(args.label, [prompt])]
+    return [ObjectPrompts(args.label, [SlicePrompt(args.slice_index, prompts)])]
 
 
 def open_session(args: argparse.Namespace, volume: Any):
@@ -343,7 +303,7 @@ def open_session(args: argparse.Namespace, volume: Any):
             volume,
             args.model,
             checkpoint=args.checkpoint,
-            window=parse_window(args.window),
+            window=window_from_args(args),
             axis=args.axis,
             cache_dir=cache_dir,
             device=args.device,
@@ -391,7 +351,14 @@ def _check_output(path: Path, force: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from napari_sam.cli import CommandError
 
-    objects = _inline_prompts(args)
+    text = args.text is not None
+    if text:
+        phrases = _text.check_text_args(args)
+        if _text.is_image_input(args.volume):
+            return _text.run_image(args, phrases)
+        if args.slice_index is None:
+            raise CommandError("--text on a volume needs --slice Z (the slice the detector reads)")
+    objects = [] if text else _inline_prompts(args)
     _check_output(args.output, args.force)
     volume = read_volume(args.volume)
     num_slices = volume.data.shape[args.axis]
@@ -402,18 +369,25 @@ def run(args: argparse.Namespace) -> int:
     slice_range = parse_slices(args.slices, num_slices)
     say = _printer(args.quiet)
 
+    detector = _text.load_detector_or_fail(args) if text else None
     start = time.perf_counter()
     with open_session(args, volume) as session:
-        for obj in objects:
+        if text:
+            objects = _text.detect_objects(args, session, detector, phrases)
+        for obj in list(objects):
             for prompt in obj.prompts:
                 if prompt.absent:
                     session.mark_absent(obj.label, prompt.slice)
                     continue
                 say(f"object {obj.label}: segmenting slice {prompt.slice}")
                 mask = session.segment_slice(
-                    prompt.slice, label_id=obj.label, mode=args.mode, **_sam_prompt(prompt)
+                    prompt.slice, label_id=obj.label, mode=args.mode, **_sam_prompt(prompt.prompts)
                 )
-                if not mask.any():
+                if not mask.any() and text:
+                    print(f"object {obj.label}: SAM found nothing in its box; skipped")
+                    session.remove_object(obj.label)
+                    objects.remove(obj)
+                elif not mask.any():
                     raise CommandError(
                         f"object {obj.label}: the model found nothing on slice {prompt.slice} "
                         "for these prompts; check the coordinates (x = column, y = row) "
@@ -437,15 +411,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sam_prompt(prompt: SlicePrompt) -> dict[str, Any]:
-    points = [*prompt.points, *prompt.negative]
-    kwargs: dict[str, Any] = {"box": prompt.box}
-    if points:
-        kwargs["points"] = np.array(points)
-        kwargs["point_labels"] = np.array([1] * len(prompt.points) + [0] * len(prompt.negative))
-    # One click is ambiguous (part or whole?): ask for three masks and keep the best. A box or
-    # several points say enough for the single-mask output.
-    kwargs["multimask"] = prompt.box is None and len(points) == 1
+def _sam_prompt(prompts: Prompts) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"box": prompts.box, "multimask": prompts.ambiguous}
+    if len(prompts.points):
+        kwargs["points"] = prompts.points
+        kwargs["point_labels"] = prompts.labels
     return kwargs
 
 

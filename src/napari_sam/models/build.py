@@ -40,12 +40,18 @@ def build_sam(spec: ModelSpec | str) -> Sam:
     Returns
     -------
     Sam
-        The model, with ``model.spec`` set to the spec it was built from.
+        The model, with ``model.spec`` set to the spec it was built from; a
+        :class:`~napari_sam.models.sam2.sam2.Sam2` for SAM 2 specs (``spec.family == "sam2"``).
     """
     if isinstance(spec, str):
         spec = get_spec(spec)
     elif not isinstance(spec, ModelSpec):
         raise TypeError(f"spec must be a ModelSpec or a registry name, got {type(spec).__name__}")
+    if spec.family == "sam2":
+        # Imported here so SAM 1 never loads the SAM 2 modules.
+        from napari_sam.models.sam2.build import build_sam2
+
+        return build_sam2(spec)  # type: ignore[return-value]
 
     size = spec.image_size
     grid = size // PATCH_SIZE

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from napari_sam.models.common import LayerNorm2d
@@ -29,6 +28,8 @@ class MaskDecoder(nn.Module):
         Activation of the upscaling network.
     iou_head_depth, iou_head_hidden_dim : int
         Depth and width of the IoU prediction MLP.
+    iou_prediction_use_sigmoid : bool
+        Squash the predicted IoUs into (0, 1) (SAM 2.1; SAM predicts them unbounded).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class MaskDecoder(nn.Module):
         activation: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        iou_prediction_use_sigmoid: bool = False,
     ) -> None:
         super().__init__()
         self.transformer_dim = transformer_dim
@@ -60,7 +62,11 @@ class MaskDecoder(nn.Module):
             for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(
-            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
+            transformer_dim,
+            iou_head_hidden_dim,
+            self.num_mask_tokens,
+            iou_head_depth,
+            sigmoid_output=iou_prediction_use_sigmoid,
         )
 
     def forward(
@@ -114,7 +120,8 @@ class MaskDecoder(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Check the batch sizes; the output tokens followed by the prompt tokens, ``B x T x C``
-        (output tokens cast to ``dtype`` when given)."""
+        (output tokens cast to ``dtype`` when given).
+        """
         b = sparse_prompt_embeddings.shape[0]
         if image_embeddings.ndim != 4 or image_embeddings.shape[0] not in (1, b):
             raise ValueError(
@@ -166,7 +173,7 @@ class MaskDecoder(nn.Module):
 
 
 class MLP(nn.Module):
-    """Plain MLP with ReLU between layers (hypernetworks and IoU head).
+    """Plain MLP with an activation between layers (hypernetworks, IoU head; SAM 2 blocks).
 
     Parameters
     ----------
@@ -176,6 +183,8 @@ class MLP(nn.Module):
         Number of linear layers.
     sigmoid_output : bool
         Apply a sigmoid to the output.
+    activation : type of nn.Module
+        Activation between layers (ReLU in SAM's heads, GELU in Hiera's blocks).
     """
 
     def __init__(
@@ -185,6 +194,7 @@ class MLP(nn.Module):
         output_dim: int,
         num_layers: int,
         sigmoid_output: bool = False,
+        activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
         self.num_layers = num_layers
@@ -193,12 +203,13 @@ class MLP(nn.Module):
             nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(widths)
         )
         self.sigmoid_output = sigmoid_output
+        self.act = activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < self.num_layers - 1:
-                x = F.relu(x)
+                x = self.act(x)
         if self.sigmoid_output:
             x = torch.sigmoid(x)
         return x

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,10 @@ class TwoWayTransformer(nn.Module):
         Activation of the token MLP.
     attention_downsample_rate : int
         The cross attentions project to ``embedding_dim / attention_downsample_rate``.
+    mlp_block : callable
+        ``mlp_block(embedding_dim, mlp_dim, activation)`` builds each token MLP: SAM's
+        :class:`~napari_sam.models.common.MLPBlock` (``lin1`` / ``lin2``), or SAM 2's
+        two-layer MLP (``layers.0`` / ``layers.1``); the checkpoint keys differ, not the maths.
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class TwoWayTransformer(nn.Module):
         mlp_dim: int = 2048,
         activation: type[nn.Module] = nn.ReLU,
         attention_downsample_rate: int = 2,
+        mlp_block: Callable[[int, int, type[nn.Module]], nn.Module] = MLPBlock,
     ) -> None:
         super().__init__()
         self.depth = depth
@@ -52,6 +59,7 @@ class TwoWayTransformer(nn.Module):
                 activation=activation,
                 attention_downsample_rate=attention_downsample_rate,
                 skip_first_layer_pe=i == 0,
+                mlp_block=mlp_block,
             )
             for i in range(depth)
         )
@@ -110,6 +118,8 @@ class TwoWayAttentionBlock(nn.Module):
     skip_first_layer_pe : bool
         The first block's self-attention replaces (rather than updates) the tokens and sees no
         positional encoding, as in SAM.
+    mlp_block : callable
+        Builds the token MLP, see :class:`TwoWayTransformer`.
     """
 
     def __init__(
@@ -120,6 +130,7 @@ class TwoWayAttentionBlock(nn.Module):
         activation: type[nn.Module] = nn.ReLU,
         attention_downsample_rate: int = 2,
         skip_first_layer_pe: bool = False,
+        mlp_block: Callable[[int, int, type[nn.Module]], nn.Module] = MLPBlock,
     ) -> None:
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads)
@@ -128,7 +139,7 @@ class TwoWayAttentionBlock(nn.Module):
             embedding_dim, num_heads, downsample_rate=attention_downsample_rate
         )
         self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim, activation)
+        self.mlp = mlp_block(embedding_dim, mlp_dim, activation)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
         self.cross_attn_image_to_token = Attention(
@@ -172,9 +183,18 @@ class Attention(nn.Module):
         Heads; must divide ``embedding_dim / downsample_rate``.
     downsample_rate : int
         Internal width divisor.
+    kv_in_dim : int or None
+        Width of the keys and values when it differs from the queries' (SAM 2's memory
+        attention reads 64-channel memories); None means ``embedding_dim``.
     """
 
-    def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        downsample_rate: int = 1,
+        kv_in_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
         self.internal_dim = embedding_dim // downsample_rate
@@ -183,9 +203,10 @@ class Attention(nn.Module):
             raise ValueError(
                 f"num_heads ({num_heads}) must divide the internal width ({self.internal_dim})"
             )
+        self.kv_in_dim = embedding_dim if kv_in_dim is None else kv_in_dim
         self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.k_proj = nn.Linear(self.kv_in_dim, self.internal_dim)
+        self.v_proj = nn.Linear(self.kv_in_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:

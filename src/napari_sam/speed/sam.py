@@ -224,7 +224,7 @@ def fast_image_encoder(encoder: nn.Module, precision: str) -> nn.Module:
     linear = DynamicInt8Linear.from_exact if precision == "int8" else FusedLinear.from_exact
     dtype = torch.bfloat16 if precision == "bf16" else None
     for twin in (FastImageEncoderViT, FastTinyViT):
-        if isinstance(encoder, twin.exact_type):
+        if twin.accepts(encoder):
             return twin.from_exact(encoder, linear=linear, autocast_dtype=dtype)
     raise TypeError(f"no fast path for image encoders of type {type(encoder).__name__}")
 

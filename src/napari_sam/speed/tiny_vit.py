@@ -93,7 +93,7 @@ class FastTinyViT(FastTwin):
         self.patch_embed = FastPatchEmbed.from_exact(exact.patch_embed)
         self.layers = nn.ModuleList(
             FastConvLayer.from_exact(layer)
-            if isinstance(layer, tv.ConvLayer)
+            if FastConvLayer.accepts(layer)
             else FastBasicLayer.from_exact(layer, linear=linear)
             for layer in exact.layers
         )

@@ -33,15 +33,24 @@ class FastTwin(nn.Module):
     exact_type: ClassVar[type[nn.Module]] = nn.Module
 
     @classmethod
+    def accepts(cls, module: object) -> bool:
+        """Whether ``module`` is an ``exact_type`` itself.
+
+        Not a subclass: a subclass may compute something else (SAM 2's mask decoder is a
+        ``MaskDecoder`` with high-resolution skips), which the twin would silently drop.
+        """
+        return type(module) is cls.exact_type
+
+    @classmethod
     def from_exact(cls: type[T], exact: nn.Module, **settings: Any) -> T:
         """The twin of ``exact``, sharing its state; ``settings`` go to :meth:`speed_up`.
 
         Raises
         ------
         TypeError
-            When ``exact`` is not an ``exact_type``.
+            When ``exact`` is not an ``exact_type`` (see :meth:`accepts`).
         """
-        if not isinstance(exact, cls.exact_type):
+        if not cls.accepts(exact):
             raise TypeError(
                 f"{cls.__name__} is made from a {cls.exact_type.__name__}, "
                 f"got {type(exact).__name__}"

@@ -79,8 +79,9 @@ def detect_spec(state_dict: StateDict) -> ModelSpec:
     -------
     ModelSpec
         The registry's spec when the shapes equal a registered model's (``vit_b`` for both SAM
-        ViT-B and MedSAM, which share a layout), else a custom spec named ``custom_vit_...`` /
-        ``custom_tiny_vit_...`` with ``url=None``.
+        ViT-B and MedSAM, which share a layout; ``sam2.1_hiera_tiny`` for SAM 2.1 tiny and
+        MedSAM2), else a custom spec named ``custom_vit_...`` / ``custom_tiny_vit_...`` /
+        ``custom_hiera_...`` with ``url=None``.
 
     Raises
     ------
@@ -207,7 +208,8 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
     Preprocessing, URLs and names are ignored (MedSAM and vit_b are the same architecture).
     For a ViT whose blocks are all global the window size is not part of the layout; for
     TinyViT the input size and the first (convolutional) stage's unused head count and window
-    are not.
+    are not; for SAM 2 (Hiera) the input size, heads and global blocks are not (MedSAM2 and
+    sam2.1_hiera_tiny share a layout). Other families compare encoder arguments and input size.
     """
     if a.encoder != b.encoder:
         return False
@@ -217,11 +219,17 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
             window = kwargs.pop("window_size", VIT_WINDOW)
             if set(range(kwargs.get("depth", 0))) - set(kwargs.get("global_attn_indexes", ())):
                 kwargs["window_size"] = window
-        return ka == kb and a.image_size == b.image_size
-    for key in ("num_heads", "window_sizes"):
-        if key in ka and key in kb:
-            ka[key], kb[key] = ka[key][1:], kb[key][1:]
-    return ka == kb
+    if a.encoder == "hiera":
+        from napari_sam.models.sam2.detect import same_layout
+
+        return same_layout(a, b)
+    if a.encoder == "tiny_vit":
+        for key in ("num_heads", "window_sizes"):
+            if key in ka and key in kb:
+                ka[key], kb[key] = ka[key][1:], kb[key][1:]
+        return ka == kb
+    # ViT and other families: the encoder's arguments and the input size (position grids).
+    return ka == kb and a.image_size == b.image_size
 
 
 def looks_like(state_dict: StateDict) -> str:
@@ -245,6 +253,16 @@ def describe(spec: ModelSpec) -> str:
     return f"{spec.name!r} ({spec.encoder}, {kwargs}, image_size {spec.image_size})"
 
 
+def _detect_sam2(sd: Mapping[str, Any]) -> ModelSpec:
+    # Imported here: the SAM 2 detector lives with the SAM 2 model code (no torch needed).
+    from napari_sam.models.sam2.detect import detect_sam2_spec
+
+    spec = detect_sam2_spec(sd)
+    if spec is None:  # pragma: no cover - claims() checked the key
+        raise ValueError("not a SAM 2 checkpoint")
+    return spec
+
+
 DETECTORS: tuple[Detector, ...] = (
     Detector(
         family="ViT",
@@ -257,6 +275,12 @@ DETECTORS: tuple[Detector, ...] = (
         expects="image_encoder.layers.*",
         claims=lambda sd: any(k.startswith("image_encoder.layers.") for k in sd),
         detect=_detect_tiny_vit,
+    ),
+    Detector(
+        family="SAM 2.1 (Hiera)",
+        expects="image_encoder.trunk.patch_embed.proj.weight",
+        claims=lambda sd: "image_encoder.trunk.patch_embed.proj.weight" in sd,
+        detect=_detect_sam2,
     ),
 )
 """The model families :func:`detect_spec` recognises, asked in order."""

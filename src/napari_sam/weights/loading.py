@@ -205,7 +205,9 @@ def load_model(
     Returns
     -------
     Sam
-        In eval mode on ``device``; ``model.spec`` is the spec it was built from.
+        In eval mode on ``device``; ``model.spec`` is the spec it was built from. For SAM 2
+        models (``"sam2.1_hiera_*"``, ``"medsam2"``, official ``sam2.1_hiera_*.pt`` files) a
+        :class:`~napari_sam.models.sam2.sam2.Sam2`.
     """
     wanted = as_spec(model_type) if model_type is not None else None
     if isinstance(name_or_path, ModelSpec) or (
@@ -297,6 +299,6 @@ def build_sam(
 
 sam_model_registry: dict[str, Callable[..., Sam]] = {
     name: functools.partial(build_sam, name)
-    for name in ("default", "vit_h", "vit_l", "vit_b", "vit_t", "medsam_vit_b")
+    for name in ("default", *(n for n, spec in MODELS.items() if not spec.test_fixture))
 }
 """``segment_anything``'s registry: ``sam_model_registry["vit_b"](checkpoint=path)``."""
