@@ -8,8 +8,10 @@ behaviour: PIL bilinear resizing of PIL images and greedy (batched) NMS.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -156,6 +158,9 @@ import mobile_sam  # noqa: E402
 import segment_anything  # noqa: E402
 import segment_anything.automatic_mask_generator  # noqa: E402
 
+STANDINS: dict[str, types.ModuleType] = {}
+"""The stand-in modules the references were imported with (empty where the real ones load)."""
+
 
 def _drop_standins() -> None:
     # The references hold the stand-ins they imported; leaving them in sys.modules (with no
@@ -163,7 +168,22 @@ def _drop_standins() -> None:
     # (transformers asks for torchvision and timm), so they leave once the references are in.
     for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
         if getattr(sys.modules[name], "__spec__", None) is None:
-            del sys.modules[name]
+            STANDINS[name] = sys.modules.pop(name)
+
+
+@contextlib.contextmanager
+def standins() -> Iterator[None]:
+    """Put the stand-ins back while more reference modules import (e.g. sam2's predictors)."""
+    sys.modules.update(STANDINS)
+    try:
+        yield
+    finally:
+        _drop_standins()
+
+
+def module(name: str) -> types.ModuleType:
+    """A torchvision/timm module as the references see it: the real one or its stand-in."""
+    return STANDINS.get(name) or sys.modules[name]
 
 
 _drop_standins()

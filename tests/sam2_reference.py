@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import reference  # noqa: F401  (installs the torchvision ops stand-ins first)
+import reference  # the torchvision ops stand-ins the predictors import
 from napari_sam.registry import get_spec
 from reference_sam2 import build_reference_sam2 as _build_base
 
@@ -64,10 +64,10 @@ def _ensure_transforms() -> None:
         transforms.Normalize = _Normalize
 
 
-_ensure_transforms()
-
-from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
-from sam2.sam2_video_predictor import SAM2VideoPredictor  # noqa: E402
+with reference.standins():
+    _ensure_transforms()
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 __all__ = ["SAM2ImagePredictor", "SAM2VideoPredictor", "build_reference_sam2", "image_predictor"]
 

@@ -15,15 +15,16 @@ with their own scale or translate, and anisotropic volumes, give the right pixel
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from skimage.draw import ellipse as draw_ellipse
 from skimage.draw import polygon as draw_polygon
 
 from napari_sam._napari._slicing import SliceFrame
+from napari_sam.prompts import Prompts
 
-__all__ = ["BoxPrompts", "PointPrompts", "PromptLayer", "SlicePrompts"]
+__all__ = ["BoxPrompts", "PointPrompts", "PromptLayer", "Prompts"]
 
 POSITIVE_COLOR = "lime"
 NEGATIVE_COLOR = "magenta"
@@ -31,50 +32,13 @@ BOX_COLOR = "yellow"
 _PAST_TENSE = {"added", "changed", "removed"}
 
 
-@dataclass
-class SlicePrompts:
-    """SAM prompts on one slice, in that slice's pixel frame.
-
-    Attributes
-    ----------
-    points : ndarray, shape (N, 2)
-        ``(x, y)`` = (column, row) of each click, in pixels.
-    labels : ndarray, shape (N,)
-        1 for a positive click, 0 for a negative one.
-    box : ndarray, shape (4,), or None
-        ``x0, y0, x1, y1`` in pixels.
-    mask : ndarray of bool, shape (H, W), or None
-        A drawn region (ellipse or polygon), used as a dense prompt.
-    """
-
-    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
-    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
-    box: np.ndarray | None = None
-    mask: np.ndarray | None = None
-
-    @property
-    def empty(self) -> bool:
-        return len(self.points) == 0 and self.box is None and self.mask is None
-
-    def _region_key(self) -> tuple:
-        box = None if self.box is None else tuple(np.round(self.box, 3))
-        mask = None if self.mask is None else hash(np.packbits(self.mask).tobytes())
-        return box, mask
-
-    def key(self) -> tuple:
-        """A hashable signature: equal keys mean equal prompts."""
-        pts = tuple(map(tuple, np.round(self.points, 3)))
-        return (pts, tuple(self.labels.tolist()), *self._region_key())
-
-    def extends(self, other: SlicePrompts) -> bool:
-        """True if these prompts are ``other`` plus more clicks (nothing moved or removed):
-        then the mask SAM gave for ``other`` is a sound dense prompt for these."""
-        n = len(other.points)
-        if len(self.points) <= n or self._region_key() != other._region_key():
-            return False
-        return SlicePrompts(self.points[:n], self.labels[:n], self.box, self.mask).key() == (
-            other.key()
-        )
+def _from_image_data(layer, image, data: np.ndarray) -> np.ndarray:
+    """Data coordinates of ``image`` -> data coordinates of ``layer`` (inverse of
+    :func:`_to_image_data`)."""
+    out = np.empty((len(data), layer.ndim))
+    for i, p in enumerate(np.asarray(data, dtype=float)):
+        out[i] = layer.world_to_data(image.data_to_world(p))
+    return np.round(out, 6)
 
 
 def _to_image_data(layer, image, data: np.ndarray) -> np.ndarray:
@@ -114,7 +78,7 @@ class PromptLayer:
         """Remove every prompt (one "removed" event)."""
         raise NotImplementedError
 
-    def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
+    def collect(self, prompts: Prompts, image, frame: SliceFrame, index: int) -> None:
         """Add this layer's prompts on slice ``index`` to ``prompts``."""
         raise NotImplementedError
 
@@ -172,7 +136,7 @@ class PointPrompts(PromptLayer):
             if where is not None:
                 yield where, s
 
-    def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
+    def collect(self, prompts: Prompts, image, frame: SliceFrame, index: int) -> None:
         pts, labels = [], []
         for (i, row, col), sign in self._located(image, frame):
             if i == index:
@@ -189,8 +153,13 @@ class PointPrompts(PromptLayer):
 class BoxPrompts(PromptLayer):
     """Rectangles (boxes), ellipses and polygons (box + dense mask) in a Shapes layer.
 
-    SAM takes one box per object, so on a slice with several shapes the newest one counts.
+    SAM takes one box per object, so on a slice with several shapes the newest one counts for
+    the preview; :meth:`each` gives every shape as its own object. Boxes found by a text
+    detector carry their ``phrase`` and ``score`` as features, shown as the shape's text.
     """
+
+    #: feature values of a shape drawn by hand
+    NO_TEXT: ClassVar[dict] = {"phrase": "", "score": np.nan, "caption": ""}
 
     @staticmethod
     def make_layer(ndim: int, **geometry):
@@ -202,33 +171,94 @@ class BoxPrompts(PromptLayer):
             edge_color=BOX_COLOR,
             face_color="transparent",
             edge_width=2,
+            features={
+                "phrase": np.array([], dtype=object),
+                "score": np.array([], dtype=float),
+                "caption": np.array([], dtype=object),
+            },
+            feature_defaults=BoxPrompts.NO_TEXT,
+            text={"string": "{caption}", "color": BOX_COLOR, "anchor": "upper_left", "size": 8},
             **geometry,
         )
         return layer
+
+    def add_boxes(
+        self,
+        image: Any,
+        frame: SliceFrame,
+        index: int,
+        boxes: np.ndarray,
+        phrases: list[str] | tuple[str, ...],
+        scores: np.ndarray,
+    ) -> None:
+        """Add rectangles on slice ``index`` for ``(N, 4)`` boxes ``x0, y0, x1, y1`` in pixels
+        of the slice (the frame :meth:`collect` reads back), captioned ``phrase score``.
+
+        Added in the given order, so the last box is the one the preview shows.
+        """
+        layer = self.layer
+        shapes = []
+        for x0, y0, x1, y1 in np.asarray(boxes, float).reshape(-1, 4):
+            corners = [(y0, x0), (y0, x1), (y1, x1), (y1, x0)]
+            at = np.array([frame.point(index, r, c) for r, c in corners])
+            shapes.append(_from_image_data(layer, image, at))
+        if not shapes:
+            return
+        # One add (napari redraws the layer per call), then the new rows' features.
+        layer.add(shapes, shape_type="rectangle")
+        features = layer.features.copy()
+        new = slice(len(features) - len(shapes), None)
+        features.loc[features.index[new], "phrase"] = list(phrases)
+        features.loc[features.index[new], "score"] = np.asarray(scores, float)
+        features.loc[features.index[new], "caption"] = [
+            f"{p.rstrip('.')} {float(v):.2f}" if p else "" for p, v in zip(phrases, scores)
+        ]
+        layer.features = features
 
     def clear(self) -> None:
         if self.layer.nshapes:
             self.layer.selected_data = set(range(self.layer.nshapes))
             self.layer.remove_selected()
 
-    def _located(self, image, frame: SliceFrame):
-        for verts, kind in zip(self.layer.data, self.layer.shape_type):
+    def _located(self, image, frame: SliceFrame, numbered: bool = False):
+        for k, (verts, kind) in enumerate(zip(self.layer.data, self.layer.shape_type)):
             if kind not in ("rectangle", "ellipse", "polygon"):
                 continue
             where = [frame.locate(p) for p in _to_image_data(self.layer, image, verts)]
             if any(w is None for w in where) or len({w[0] for w in where}) != 1:
                 continue
             rc = np.array([(r, c) for _, r, c in where])
-            yield where[0][0], kind, rc
+            yield (where[0][0], kind, rc, k) if numbered else (where[0][0], kind, rc)
 
-    def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
+    def collect(self, prompts: Prompts, image, frame: SliceFrame, index: int) -> None:
         last = None
         for i, kind, rc in self._located(image, frame):
             if i == index:
                 last = kind, rc
-        if last is None:
-            return
-        kind, rc = last
+        if last is not None:
+            self._fill(prompts, frame, *last)
+
+    def each(self, image, frame: SliceFrame, index: int) -> list[tuple[Prompts, float]]:
+        """Every shape on slice ``index`` as its own prompts (box, and mask for a region) with
+        its detector score (NaN for a drawn shape), in the layer's order."""
+        scores = self._scores()
+        found = []
+        for i, kind, rc, k in self._located(image, frame, numbered=True):
+            if i == index:
+                prompts = Prompts()
+                self._fill(prompts, frame, kind, rc)
+                found.append((prompts, scores[k]))
+        return found
+
+    def _scores(self) -> np.ndarray:
+        features = self.layer.features
+        n = self.layer.nshapes
+        if "score" not in features or len(features) != n:
+            return np.full(n, np.nan)
+        return np.asarray(features["score"], dtype=float)
+
+    @staticmethod
+    def _fill(prompts: Prompts, frame: SliceFrame, kind: str, rc: np.ndarray) -> None:
         h, w = frame.slice_shape
         (r0, c0), (r1, c1) = rc.min(axis=0), rc.max(axis=0)
         prompts.box = np.clip(np.array([c0, r0, c1, r1], float), 0, [w - 1, h - 1, w - 1, h - 1])

@@ -34,9 +34,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from napari_sam.intensity import resolve_window
 from napari_sam.volume.embeddings import Cancel, EncodeFn, weights_fingerprint
 from napari_sam.volume.labels_writer import ArrayWriter, LabelsWriter
-from napari_sam.volume.parts import SessionParts, parts_for
+from napari_sam.volume.parts import SessionParts, is_sam2, parts_for
 from napari_sam.volume.propagation import Step, merge_masks
 
 __all__ = ["PropagationSummary", "SliceResult", "VolumeSession", "resolve_window"]
@@ -130,6 +131,11 @@ class VolumeSession:
         Geometry for :meth:`save` when ``volume`` is an array (NIfTI inputs bring their own).
     encode_fn : callable, optional
         Replaces the image encoder call (tests, remote encoders); see :class:`EmbeddingCache`.
+    encoding : str
+        ``"local"`` (default) or a dask scheduler address (``"tcp://gpu-box:8786"``): slices
+        are then encoded on the cluster's workers and the embeddings come back into this
+        session's cache (see :meth:`set_encoding`; needs the ``[cluster]`` extra and the model
+        by name or path, which the workers load too).
     parts : SessionParts, optional
         How the model work is done (predictor, cache, decoding, propagation strategy); see
         :mod:`napari_sam.volume.parts`.
@@ -161,6 +167,7 @@ class VolumeSession:
         metadata: dict | None = None,
         encode_fn: EncodeFn | None = None,
         parts: SessionParts | None = None,
+        encoding: str = "local",
     ) -> None:
         self._closed = False
         self.parts = parts if parts is not None else SessionParts()
@@ -191,6 +198,8 @@ class VolumeSession:
         self._labels_key: Any = None
         self._store: dict[tuple, _Objects] = {}
         self._objects = _Objects()
+        self._encoder: Any = None  # the remote encoder this session made (and closes)
+        self._model_source: Any = None  # how workers load the model (set_model by name/path)
         if volume is not None:
             # Bad volumes and windows fail before a model is loaded.
             self.set_volume(
@@ -209,6 +218,10 @@ class VolumeSession:
             check_precision(precision)  # before the (slow) load
         if model is not None:
             self.set_model(model, checkpoint=checkpoint, device=device, precision=precision)
+        if encoding != "local":
+            if encode_fn is not None:
+                raise ValueError("give encode_fn= or encoding=, not both")
+            self.set_encoding(encoding)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -222,6 +235,7 @@ class VolumeSession:
     ) -> None:
         """Use another model (loaded here when given by name or path); embeddings follow."""
         self._check_open()
+        self._model_source = _model_source(model, checkpoint, device, precision)
         model = _load(model, checkpoint, device)
         if precision is not None:
             from napari_sam.speed import with_precision
@@ -234,6 +248,71 @@ class VolumeSession:
         self._tracker = None
         self._model_key = None
         self._cache = None
+
+    def set_encoding(
+        self,
+        encoding: str | None,
+        *,
+        source: Any = None,
+        timeout: float = 60.0,
+        on_status: Callable[[str], Any] | None = None,
+    ) -> None:
+        """Encode slices locally (``"local"`` or None) or on a dask cluster (its scheduler
+        address); prompting stays local either way.
+
+        Parameters
+        ----------
+        encoding : str or None
+            ``"local"``/None, or a scheduler address such as ``"tcp://gpu-box:8786"``.
+        source : ModelSource or str, optional
+            How the workers load the same model (a registry name or a weights file they can
+            read); default: the name or path this session's model was loaded from.
+        timeout : float
+            Seconds to wait for the scheduler and for one slice.
+        on_status : callable, optional
+            Called with the encoder's status line (``"remote: ..."``, ``"local: <reason>"``)
+            when it changes, from the thread that encodes.
+
+        Notes
+        -----
+        The session owns the encoder it makes here: a later call, :meth:`close` or leaving the
+        ``with`` block closes it. When the cluster cannot be reached or is lost, slices are
+        encoded locally from then on (:attr:`encoder` ``.status`` says why;
+        ``encoder.reconnect()`` tries again). Embeddings of the two paths share the cache
+        (same model, same key).
+        """
+        self._check_open()
+        if encoding in (None, "", "local"):
+            new = None
+        elif is_sam2(self.model):
+            raise ValueError(
+                "remote encoding computes SAM 1 embeddings; SAM 2 models encode locally"
+            )
+        else:
+            source = source if source is not None else self._model_source
+            if source is None:
+                raise ValueError(
+                    "remote encoding needs the model by registry name or weights file (the "
+                    "workers load it too), not a model object: pass source="
+                )
+            from napari_sam.cluster.remote import remote_encoder
+
+            new = remote_encoder(str(encoding), source, timeout=timeout, on_status=on_status)
+        old, self._encoder = self._encoder, new
+        if old is not None:
+            old.close()
+        if new is not None:
+            self._cache_options["encode_fn"] = new
+        elif old is not None:
+            self._cache_options.pop("encode_fn", None)
+        if new is not None or old is not None:
+            self._cache = None  # the next cache encodes the new way (stored slices are reused)
+
+    @property
+    def encoder(self) -> Any:
+        """The remote encoder made by :meth:`set_encoding` (``status``, ``reconnect()``,
+        ``remote_slices``), or None when encoding locally."""
+        return self._encoder
 
     def set_volume(
         self,
@@ -333,6 +412,9 @@ class VolumeSession:
         if self._closed:
             return
         self._closed = True
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
         if self._cache is not None:
             self._cache.clear_memory()
         if hasattr(self.predictor, "reset_image"):
@@ -977,24 +1059,6 @@ def _check_axis(axis: int) -> int:
     return int(axis) % 3
 
 
-def resolve_window(volume: np.ndarray, window: Any):
-    """A :class:`~napari_sam.intensity.Window` from a mode name, ``(low, high)`` or a Window.
-
-    Mode names are those of :func:`napari_sam.intensity.make_window` (``"auto"``, CT presets
-    such as ``"soft_tissue"``, ``"percentile"``, ``"minmax"``...). None stays None (the cache
-    then uses ``"auto"``; uint8 RGB volumes need no window).
-    """
-    from napari_sam.intensity import Window, make_window
-
-    if window is None or isinstance(window, Window):
-        return window
-    if isinstance(window, str):
-        return make_window(volume, window)
-    if isinstance(window, Sequence) and len(window) == 2:
-        return Window(float(window[0]), float(window[1]))
-    raise ValueError(f"window must be a mode name, a Window or (low, high), got {window!r}")
-
-
 def _read_volume(volume: Any) -> tuple[np.ndarray, dict, tuple, str]:
     if isinstance(volume, str | os.PathLike):
         from napari_sam.io.nifti import read_nifti
@@ -1035,6 +1099,17 @@ def _load(model: Any, checkpoint: Any, device: str) -> torch.nn.Module:
     from napari_sam.weights import load_model
 
     return load_model(model, checkpoint=checkpoint, device=device)
+
+
+def _model_source(model: Any, checkpoint: Any, device: str, precision: str | None) -> Any:
+    """What cluster workers are given to load the same model (None for a model object)."""
+    if not isinstance(model, str | os.PathLike):
+        return None
+    from napari_sam.cluster.tasks import ModelSource  # dask-free
+
+    return ModelSource(
+        str(model), None if checkpoint is None else str(checkpoint), device, precision
+    )
 
 
 def _progress_bar(enabled: bool, desc: str, **kwargs: Any):
