@@ -27,12 +27,12 @@ CHUNK = 1 << 20
 
 
 def cache_dir() -> Path:
-    """Folder where downloaded weights are kept, created on demand.
+    r"""Folder where downloaded weights are kept, created on demand.
 
     ``$NAPARI_SAM_CACHE`` when set, else the per-user cache folder from
     ``pooch.os_cache("napari-sam")``: ``~/.cache/napari-sam`` on Linux (``$XDG_CACHE_HOME``
     respected), ``~/Library/Caches/napari-sam`` on macOS,
-    ``%LOCALAPPDATA%\\napari-sam\\napari-sam\\Cache`` on Windows.
+    ``%LOCALAPPDATA%\napari-sam\napari-sam\Cache`` on Windows.
     """
     env = os.environ.get(CACHE_ENV)
     if env:

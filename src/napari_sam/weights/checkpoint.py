@@ -239,6 +239,7 @@ def save_checkpoint(
     """
     import torch
 
+    state: Mapping[str, Any]
     if isinstance(model_or_state_dict, torch.nn.Module):
         if spec is None:
             spec = getattr(model_or_state_dict, "spec", None)

@@ -51,8 +51,8 @@ class WeightsUnavailableError(RuntimeError):
 def _source_url(spec: ModelSpec, base_url: str | None) -> str | None:
     base = base_url if base_url is not None else os.environ.get(BASE_URL_ENV) or None
     if base:
-        # A mirror holds the files under their registry names.
-        return base.rstrip("/") + "/" + spec.filename
+        # A mirror holds the files under their registry names (none: nothing to look up).
+        return None if spec.filename is None else base.rstrip("/") + "/" + spec.filename
     return spec.url
 
 

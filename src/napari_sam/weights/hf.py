@@ -370,7 +370,7 @@ def _rename_mlp(prefix: str, parts: Mapping[str, torch.Tensor]) -> dict[str, tor
 # --------------------------------------------------------------------------------------------
 # Reading
 
-ReadFile = Callable[[Path], "tuple[dict[str, torch.Tensor], ModelSpec | None]"]
+ReadFile = Callable[[Path], "tuple[Mapping[str, Any], ModelSpec | None]"]
 
 
 def _weight_files(path: Path) -> tuple[Path, list[Path]]:
@@ -438,7 +438,9 @@ def read_hf_checkpoint(
         Missing shards, unreadable files, keys that are not SAM's.
     """
     if read_file is None:
-        from napari_sam.weights.checkpoint import read_one_file as read_file
+        from napari_sam.weights.checkpoint import read_one_file
+
+        read_file = read_one_file
     path = Path(path).expanduser()
     folder = _folder_of(path)
     config = read_hf_config(folder)

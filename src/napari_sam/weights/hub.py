@@ -38,12 +38,19 @@ logger = logging.getLogger(__name__)
 _TRUE = {"1", "on", "yes", "true"}
 
 
+def _hub_repo(spec: ModelSpec) -> str:
+    """The entry's Hub repository ``owner/name``; a ValueError for an entry without one."""
+    if not spec.hub_repo:
+        raise ValueError(f"model {spec.name!r} names no Hugging Face Hub repository")
+    return spec.hub_repo
+
+
 def _folder_name(spec: ModelSpec) -> str:
     revision = (spec.hub_revision or "main").replace("/", "-")
     # 12 hex digits name a commit unambiguously and keep the path short (Windows).
     if len(revision) == 40:
         revision = revision[:12]
-    return f"hub--{spec.hub_repo.replace('/', '--')}--{revision}"
+    return f"hub--{_hub_repo(spec).replace('/', '--')}--{revision}"
 
 
 def destination(spec: ModelSpec) -> Path:
@@ -125,7 +132,7 @@ def _fetch(
     offline = _offline()
     try:
         path = hf_hub_download(
-            spec.hub_repo,
+            _hub_repo(spec),
             filename,
             revision=spec.hub_revision,
             token=token,

@@ -222,13 +222,14 @@ def load_model(
         if checkpoint is not None:
             path = Path(checkpoint).expanduser()
         else:
-            path = cached_path(named)
-            if path is None:
+            cached = cached_path(named)
+            if cached is None:
                 if not download:
                     raise WeightsUnavailableError(
                         unavailable_message(named, destination(named), named.url, "download=False")
                     )
-                path = download_weights(named)
+                cached = download_weights(named)
+            path = cached
     else:
         if checkpoint is not None:
             raise ValueError("give either a checkpoint path as the first argument or checkpoint=")
