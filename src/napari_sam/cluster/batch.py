@@ -19,7 +19,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from napari_sam.cluster.tasks import Job, JobError, ModelLoader, TaskResult, is_done, run_job
+from napari_sam.cluster.tasks import (
+    EmbedJob,
+    Job,
+    JobError,
+    ModelLoader,
+    TaskResult,
+    is_done,
+    run_job,
+)
 
 __all__ = ["chunk_slices", "read_cohort", "run_cohort", "summary_table"]
 
@@ -107,7 +115,8 @@ def run_cohort(
     """
     todo: list[Job] = []
     for job in jobs:
-        if not force and is_done(job):
+        # An embed job is never done before it runs (is_done says so too; mypy needs it here).
+        if not force and not isinstance(job, EmbedJob) and is_done(job):
             yield TaskResult(job.name, "skipped", "output done", outputs=[str(job.output)])
         else:
             todo.append(job)

@@ -1,5 +1,7 @@
-"""Encoding on a dask cluster while prompting stays local: an ``encode_fn`` for
-:class:`~napari_sam.volume.embeddings.EmbeddingCache` and :class:`~napari_sam.VolumeSession`.
+"""Encoding on a dask cluster while prompting stays local.
+
+The ``encode_fn`` made here plugs into :class:`~napari_sam.volume.embeddings.EmbeddingCache`
+and :class:`~napari_sam.VolumeSession`.
 
 The expensive step of SAM, encoding a slice, runs on a worker of a dask scheduler (a GPU worker
 where there is one); the embedding comes back into the local cache, and every prompt after it is
@@ -78,8 +80,9 @@ class ModelLoaderPlugin(WorkerPlugin):
 
 
 def register_model_loader(client: Any, *, replace: bool = False, **plugin_options: Any) -> None:
-    """Install :class:`ModelLoaderPlugin` on every worker of ``client``'s cluster (and on
-    workers that join later).
+    """Install :class:`ModelLoaderPlugin` on every worker of ``client``'s cluster.
+
+    Workers that join later get it too.
 
     A plugin already installed with the default options is kept, with the models its workers
     loaded (a ViT-H takes seconds to load); options or ``replace=True`` install a new one.
@@ -96,13 +99,15 @@ def register_model_loader(client: Any, *, replace: bool = False, **plugin_option
 def _worker_loader() -> ModelLoader:
     from distributed import get_worker
 
+    # dask types its plugins as WorkerPlugin; ours (ModelLoaderPlugin) holds the loader.
     plugin = get_worker().plugins.get(PLUGIN_NAME)
-    if plugin is None or plugin.loader is None:
+    loader: ModelLoader | None = getattr(plugin, "loader", None)
+    if loader is None:
         raise RuntimeError(
             "the napari-sam model loader is not installed on this worker: call "
             "napari_sam.cluster.remote.register_model_loader(client) first"
         )
-    return plugin.loader
+    return loader
 
 
 def run_job_on_worker(job: Job) -> TaskResult:
@@ -124,7 +129,7 @@ def encode_on_worker(
     embedding, input_size = encode_image(loaded.model, image)
     array = embedding.detach().float().cpu().contiguous().numpy()
     settings = str(getattr(loaded.model, "encoder_settings", ""))
-    return array, tuple(int(s) for s in input_size), loaded.weights_sha256, settings
+    return array, (int(input_size[0]), int(input_size[1])), loaded.weights_sha256, settings
 
 
 class RemoteEncoder:
@@ -291,8 +296,10 @@ class RemoteEncoder:
         return torch.from_numpy(array).to(device), input_size
 
     def _wait(self, client: Any, future: Any) -> Any:
-        """The future's result; a lost scheduler is noticed within a quarter second, not at
-        the end of the timeout (the client then says it is reconnecting)."""
+        """The future's result; a lost scheduler is noticed within a quarter second.
+
+        Not only at the end of the timeout: the client then says it is reconnecting.
+        """
         deadline = time.monotonic() + self.timeout
         while True:
             try:

@@ -1,5 +1,6 @@
-"""Task functions of a cohort run: one input (a volume, a chunk of its slices, an image) in,
-files on disk out.
+"""Task functions of a cohort run: one input in, files on disk out.
+
+The input is a volume, a chunk of its slices, or an image.
 
 Each job is a small frozen dataclass naming its inputs, outputs and model; :func:`run_job`
 executes one and returns a :class:`TaskResult`. Nothing here needs dask: the batch runner sends
@@ -73,8 +74,10 @@ class ModelSource:
         return [p for p in found if p.is_file()]
 
     def identity(self) -> tuple:
-        """The source plus its weights files' size and modification time (cheap to get):
-        a file replaced on disk makes a new identity, so a worker reloads it."""
+        """The source plus its weights files' size and modification time (cheap to get).
+
+        A file replaced on disk makes a new identity, so a worker reloads it.
+        """
         stats = []
         for path in self.files():
             st = path.stat()
@@ -256,9 +259,9 @@ def job_digest(job: Job) -> str:
     for path in inputs:
         digest.update(f"|{Path(path).name}|".encode())
         _file_sha256(Path(path), digest)
-    for path in job.source.files():
-        st = path.stat()  # weights files are large: identified by size and time, not hashed
-        digest.update(f"|{path.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for weights in job.source.files():
+        st = weights.stat()  # weights files are large: identified by size and time, not hashed
+        digest.update(f"|{weights.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
@@ -299,8 +302,10 @@ def _write_marker(job: Job, output: Path) -> None:
 
 
 def _sweep_partial_outputs(output: Path) -> None:
-    """Remove what an earlier, killed attempt at this output left: the temporary names of the
-    NIfTI writer (``.<stem>.tmp-*``), the AMG writer (``.<name>.tmp-*``) and of the marker.
+    """Remove what an earlier, killed attempt at this output left.
+
+    That is, the temporary names of the NIfTI writer (``.<stem>.tmp-*``), the AMG writer
+    (``.<name>.tmp-*``) and of the marker.
 
     One job owns one output name, so a temporary file of that name is a dead attempt's.
     """
@@ -321,8 +326,10 @@ def _sweep_partial_outputs(output: Path) -> None:
 
 
 def display_shape(path: str | os.PathLike) -> tuple[int, ...]:
-    """Spatial shape of a NIfTI volume in napari-sam's display orientation, from its header
-    (what ``read_nifti(path).data.shape[:3]`` gives, without reading the voxels)."""
+    """Spatial shape of a NIfTI volume in napari-sam's display orientation, from its header.
+
+    That is what ``read_nifti(path).data.shape[:3]`` gives, without reading the voxels.
+    """
     from napari_sam.io.nifti import NiftiError, _to_display_transform, open_nifti
 
     try:
@@ -500,6 +507,8 @@ def prompts_from_csv(path: str | os.PathLike) -> dict:
 def _seeds(job: SegmentJob, shape: tuple[int, ...]) -> np.ndarray:
     from napari_sam.io.nifti import NiftiError, read_nifti
 
+    if job.seeds is None:
+        raise JobError(f"{job.name}: the job names no seeds file")
     try:
         seeds = read_nifti(job.seeds)
     except (NiftiError, ValueError, FileNotFoundError) as exc:
