@@ -131,6 +131,7 @@ class ModelSpec:
         return 4 * self.embedding_size
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as plain, JSON-serialisable values (tuples in ``encoder_kwargs`` as lists)."""
         d = dataclasses.asdict(self)
         d["encoder_kwargs"] = {
             k: list(v) if isinstance(v, tuple) else v for k, v in self.encoder_kwargs.items()
@@ -138,10 +139,12 @@ class ModelSpec:
         return d
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text with sorted keys (embedded in checkpoint files)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
+        """Inverse of :meth:`to_dict`; unknown fields raise ``ValueError``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -156,9 +159,11 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
+        """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> ModelSpec:
+        """A copy with the given fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
 

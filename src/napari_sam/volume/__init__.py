@@ -1,0 +1,1 @@
+"""Volumes: slice embeddings, propagation between slices, and the session that ties them."""

@@ -47,10 +47,14 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from napari_sam.intensity import Window
+    from napari_sam.registry import ModelSpec
 
 __all__ = [
     "EmbeddingCache",
@@ -88,7 +92,7 @@ def volume_fingerprint(volume: np.ndarray) -> str:
     digest = hashlib.sha256(f"{volume.shape}|{volume.dtype.str}|".encode())
     # Slab by slab (C order), so a non-contiguous view never needs a full-size copy.
     for slab in volume if volume.ndim > 2 else [volume]:
-        digest.update(memoryview(np.ascontiguousarray(slab)).cast("B"))
+        digest.update(np.ascontiguousarray(slab).data.cast("B"))
     return digest.hexdigest()
 
 
@@ -151,11 +155,11 @@ class EmbeddingCache:
 
     def __init__(
         self,
-        model,
+        model: torch.nn.Module,
         volume: np.ndarray,
         *,
         axis: int = 0,
-        window=None,
+        window: Window | None = None,
         cache_dir: str | os.PathLike | None = None,
         max_memory_slices: int = 32,
         encoder_settings: str = "",
@@ -176,9 +180,8 @@ class EmbeddingCache:
         self.volume = volume
         self.axis = axis % 3
         self.num_slices = int(volume.shape[self.axis])
-        self.slice_shape: tuple[int, int] = tuple(
-            int(s) for i, s in enumerate(volume.shape[:3]) if i != self.axis
-        )
+        rows, cols = (int(s) for i, s in enumerate(volume.shape[:3]) if i != self.axis)
+        self.slice_shape = (rows, cols)
         if window is None and not (self.rgb and volume.dtype == np.uint8):
             from napari_sam.intensity import make_window
 
@@ -191,7 +194,9 @@ class EmbeddingCache:
         self.encoder_settings = ":".join(s for s in (own, str(encoder_settings)) if s)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         if encode_fn is None:
-            from napari_sam.predictor import encode_image as encode_fn
+            from napari_sam.predictor import encode_image
+
+            encode_fn = encode_image
         self._encode = encode_fn
         self._model_key = model_key
         self._lock = threading.RLock()
@@ -206,7 +211,8 @@ class EmbeddingCache:
         return self.num_slices
 
     @property
-    def spec(self):
+    def spec(self) -> ModelSpec | None:
+        """The model's spec, None for a model built by hand."""
         return getattr(self.model, "spec", None)
 
     @property
@@ -284,7 +290,7 @@ class EmbeddingCache:
                     return entry
                 event = self._pending.get(index)
                 owner = event is None
-                if owner:
+                if event is None:
                     event = self._pending[index] = threading.Event()
             if not owner:
                 # Another thread is computing this slice: wait, then take it from memory.
@@ -398,6 +404,8 @@ class EmbeddingCache:
         with self._lock:
             if self._store is not None:
                 return self._store
+            if self.cache_dir is None:
+                raise RuntimeError("this cache has no cache_dir: it keeps embeddings in memory")
             key = self.key()
             text = json.dumps(key, sort_keys=True)
             folder = self.cache_dir / hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -459,7 +467,7 @@ class EmbeddingCache:
         embedding, original, input_size = entry
         array = embedding.detach().cpu().half().numpy()
 
-        def write(f):
+        def write(f: BinaryIO) -> None:
             np.savez(
                 f,
                 embedding=array,
@@ -479,8 +487,10 @@ class EmbeddingCache:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write through a temporary file of this writer in the same folder, then rename over
-    ``path``."""
+    """Write through a temporary file of this writer in the same folder, then rename it.
+
+    The rename replaces ``path`` atomically.
+    """
     tmp = _temporary_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -583,7 +593,7 @@ def sweep_temporaries(folder: str | os.PathLike, max_age: float = STALE_TEMPORAR
     removed = 0
     host, now = _host(), time.time()
     try:
-        entries = list(os.scandir(folder))
+        entries = list(os.scandir(Path(folder)))
     except OSError:
         return 0
     for entry in entries:
@@ -605,7 +615,10 @@ def sweep_temporaries(folder: str | os.PathLike, max_age: float = STALE_TEMPORAR
 
 
 def _token_layout(embedding: torch.Tensor) -> torch.Tensor:
-    """The embedding in channels-last memory (same shape and values): its ``E x E`` positions
-    are then the decoder's image-token rows, read without a transposing pass on every prompt
-    of every object (propagation decodes each slice once per object)."""
+    """The embedding in channels-last memory (same shape and values).
+
+    Its ``E x E`` positions are then the decoder's image-token rows, read without a
+    transposing pass on every prompt of every object (propagation decodes each slice once per
+    object).
+    """
     return embedding.contiguous(memory_format=torch.channels_last)

@@ -16,7 +16,7 @@ Tests pass parts with fake models to drive the widget's control flow exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,9 @@ def parts_for(model: Any) -> SessionParts:
 
 
 class SessionParts:
-    """Default parts: Meta's SAM through :mod:`napari_sam` (imports are lazy: napari reads the
-    plugin manifest without importing torch).
+    """Default parts: Meta's SAM through :mod:`napari_sam`.
+
+    Imports are lazy: napari reads the plugin manifest without importing torch.
 
     Attributes
     ----------
@@ -132,17 +133,25 @@ class SessionParts:
         seeds: Mapping[int, Mapping[int, np.ndarray]],
         **options: Any,
     ) -> Iterator[Any]:
-        """Follow objects from their seed masks; yields one
-        :class:`~napari_sam.volume.propagation.Step` per finished slice (``options``: those of
-        :func:`~napari_sam.volume.propagation.propagate`, ``slice_range`` as ``(start, stop)``)."""
+        """Follow objects from their seed masks.
+
+        Yields one :class:`~napari_sam.volume.propagation.Step` per finished slice.
+        ``options`` are those of :func:`~napari_sam.volume.propagation.propagate`, with
+        ``slice_range`` as ``(start, stop)``.
+        """
         from napari_sam.volume.propagation import propagate
 
         return propagate(cache, predictor, seeds, **options)
 
-    def segment_everything(self, cache: Any, model: Any, index: int) -> Iterator[str]:
-        """Generator: SAM's automatic masks on slice ``index`` (a grid of point prompts on the
-        cached embedding); yields progress lines, returns an ``(H, W)`` int32 label image with
-        0 = background and 1, 2, ... from the largest mask down."""
+    def segment_everything(
+        self, cache: Any, model: Any, index: int
+    ) -> Generator[str, None, np.ndarray]:
+        """Generator: SAM's automatic masks on slice ``index``.
+
+        A grid of point prompts runs on the cached embedding. Yields progress lines; returns
+        an ``(H, W)`` int32 label image with 0 = background and 1, 2, ... from the largest mask
+        down.
+        """
         from napari_sam.automatic import iter_segment_everything
 
         embedding, _, _ = cache.get(index)

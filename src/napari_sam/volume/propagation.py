@@ -31,12 +31,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from napari_sam.prompts import mask_to_box, mask_to_mask_input, mask_to_points
+
+if TYPE_CHECKING:
+    from napari_sam.predictor import SamPredictor
 
 __all__ = ["Step", "merge_masks", "propagate", "write_masks"]
 
@@ -133,7 +136,7 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def propagate(
     source: Any,
-    predictor,
+    predictor: SamPredictor,
     seeds: Seeds,
     *,
     num_slices: int | None = None,
@@ -205,7 +208,7 @@ def propagate(
         for walk in _plan(label, object_seeds, lo, hi, directions):
             (forward if walk.step > 0 else backward).append(walk)
 
-    options = dict(
+    options: dict[str, Any] = dict(
         use_box=use_box,
         use_points=use_points,
         num_points=num_points,
@@ -240,9 +243,17 @@ def _remaining(walks: list[_Walk]) -> int:
     return len(set().union(*(w.remaining() for w in walks))) if walks else 0
 
 
+def _box(mask: np.ndarray) -> np.ndarray:
+    """The box of a walk's mask; never empty, since a walk stops where its mask empties."""
+    box = mask_to_box(mask)
+    if box is None:
+        raise ValueError("cannot make a box prompt from an empty mask")
+    return box
+
+
 def _predict_slice(
     get: Callable[[int], tuple],
-    predictor,
+    predictor: SamPredictor,
     index: int,
     walks: list[_Walk],
     *,
@@ -263,7 +274,7 @@ def _predict_slice(
     mask_input = torch.as_tensor(dense, device=device)
     boxes = coords = point_labels = None
     if use_box:
-        raw = np.stack([mask_to_box(w.mask) for w in walks])
+        raw = np.stack([_box(w.mask) for w in walks])
         boxes = transform.apply_boxes_torch(torch.as_tensor(raw, device=device), original_size)
     if use_points:
         # Every prompt set needs the same number of points: pad with SAM's "not a point" (-1).
@@ -433,6 +444,7 @@ def write_masks(
     mode, replace
         See :func:`merge_masks`.
     """
+    masks: Mapping[int, np.ndarray]
     if isinstance(step_or_masks, Step):
         masks = step_or_masks.masks
         index = step_or_masks.index if index is None else index
