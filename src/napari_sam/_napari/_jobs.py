@@ -1,5 +1,6 @@
-"""What the widget's background jobs do, without Qt: bring the session up to date, segment,
-propagate.
+"""What the widget's background jobs do, without Qt.
+
+They bring the session up to date, segment and propagate.
 
 Each job is a generator run in a napari worker thread on the widget's one
 :class:`~napari_sam.volume.session.VolumeSession`. It yields status strings (shown in the
@@ -97,6 +98,7 @@ class Result:
 
     @property
     def mask(self) -> np.ndarray:
+        """The ``H x W`` mask on show (candidate ``chosen``)."""
         return self.masks[self.chosen]
 
 
@@ -108,8 +110,11 @@ def prepare(
     *,
     model: bool = True,
 ) -> Generator[str, None, None]:
-    """Generator: bring ``session`` to ``setup`` (load the model when it changed, re-target the
-    volume when the image, slicing or window changed); ``model=False`` skips the model."""
+    """Generator: bring ``session`` to ``setup``.
+
+    The model is loaded when it changed, the volume re-targeted when the image, slicing or
+    window changed; ``model=False`` skips the model.
+    """
     if model and prepared.model_key != setup.model_key:
         yield "Loading the model…"
         prepared.model_key = None
@@ -185,6 +190,8 @@ def segment_job(
         multimask=multimask,
     )
     chosen = int(np.argmax(result.scores))  # the mask SAM rates best
+    if result.all_logits is None:  # segment_slice always fills it
+        raise RuntimeError("the session's result has no candidate logits (all_logits)")
     return Result(
         setup.frame, index, prompts, result.masks, result.scores, result.all_logits, chosen
     )

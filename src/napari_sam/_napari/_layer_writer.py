@@ -63,7 +63,7 @@ class LayerWriter:
             self._depth = 0
 
     def undo(self) -> None:
-        """napari's undo of the layer (Ctrl+Z)."""
+        """Undo the layer's last step, as napari's Ctrl+Z does."""
         self.layer.undo()
 
     def max_label(self) -> int:

@@ -7,7 +7,7 @@ scroll area instead of a tall minimum height. Long explanations live in tooltips
 
 from __future__ import annotations
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -223,14 +223,16 @@ class SamPanel(QWidget):
             inner.addWidget(section)
         inner.addWidget(self.status)
         inner.addStretch(1)
-        self.scroll = QScrollArea()
-        self.scroll.setWidget(content)
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
-        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        # Not "scroll": that would hide QWidget.scroll(dx, dy).
+        self.scroll_area = QScrollArea()
+        self.scroll_area.setWidget(content)
+        self._content = content
+        self.scroll_area.setWidgetResizable(True)
+        self.scroll_area.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.scroll)
+        layout.addWidget(self.scroll_area)
         self.cancel_button.setEnabled(False)
         self.progress.setVisible(False)
         self.download_progress.setVisible(False)
@@ -293,10 +295,11 @@ class SamPanel(QWidget):
         form.addRow(self.progress)
         return section
 
-    def sizeHint(self):
+    def sizeHint(self) -> QSize:
         # The scroll area would ask for its content's full height; the width is what matters.
-        hint = self.scroll.widget().sizeHint()
-        hint.setWidth(hint.width() + self.scroll.verticalScrollBar().sizeHint().width())
+        hint = self._content.sizeHint()
+        bar = self.scroll_area.verticalScrollBar()  # Qt always makes one
+        hint.setWidth(hint.width() + (bar.sizeHint().width() if bar is not None else 0))
         return hint
 
 

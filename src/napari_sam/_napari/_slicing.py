@@ -83,15 +83,16 @@ class SliceFrame:
         ndim = len(shape)
         if ndim == 2:
             return cls(tuple(shape), None, (), rgb)
-        if plane is None:
-            plane = tuple(a for a in range(ndim) if a != axis)[-2:]
+        axes: tuple[int, ...] = (
+            plane if plane is not None else tuple(a for a in range(ndim) if a != axis)[-2:]
+        )
         if axis is None:
-            axis = [a for a in range(ndim) if a not in plane][-1]
-        if axis in plane or len(set(plane)) != 2:
-            raise ValueError(f"the sliced axis {axis} must not be one of the plane axes {plane}")
+            axis = [a for a in range(ndim) if a not in axes][-1]
+        if axis in axes or len(set(axes)) != 2:
+            raise ValueError(f"the sliced axis {axis} must not be one of the plane axes {axes}")
         if point is None:
             point = np.zeros(ndim)
-        held = [a for a in range(ndim) if a != axis and a not in plane]
+        held = [a for a in range(ndim) if a != axis and a not in axes]
         fixed = tuple((a, int(np.clip(np.round(point[a]), 0, shape[a] - 1))) for a in held)
         return cls(tuple(shape), axis, fixed, rgb)
 
@@ -126,13 +127,13 @@ class SliceFrame:
             index[a] = i
         return tuple(index)
 
-    def volume(self, data):
+    def volume(self, data: np.ndarray) -> np.ndarray:
         """The 3D stack of slices (plus the RGB axis) the embedding cache works on: a view."""
         if self.axis is None:
             return data[np.newaxis]
         return data[self._fixed_index()]
 
-    def slice_of(self, data, index: int):
+    def slice_of(self, data: np.ndarray, index: int) -> np.ndarray:
         """The 2D plane ``index`` of an array shaped like the layer (a view when possible)."""
         if self.axis is None:
             return data
@@ -141,8 +142,10 @@ class SliceFrame:
         return data[tuple(full)]
 
     def locate(self, point: np.ndarray) -> tuple[int, float, float] | None:
-        """``(slice index, row, col)`` of a data-coordinate point, or None when it lies off
-        the fixed indices or outside the array."""
+        """``(slice index, row, col)`` of a data-coordinate point.
+
+        None when it lies off the fixed indices or outside the array.
+        """
         point = np.asarray(point, dtype=float)
         if point.shape[-1] != len(self.shape):
             raise ValueError(

@@ -34,20 +34,21 @@ class SlotTimer:
         self.calls = 0
 
     def wrap(self, func: Callable, name: str | None = None) -> Callable:
-        name = name or getattr(func, "__name__", repr(func))
+        """``func`` timed: each call's duration is recorded under ``name`` (its own name)."""
+        slot = name or str(getattr(func, "__name__", repr(func)))
 
         @functools.wraps(func)
-        def timed(*args, **kwargs):
+        def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return func(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - start
                 self.calls += 1
-                if elapsed > self.durations.get(name, 0.0):
-                    self.durations[name] = elapsed
+                if elapsed > self.durations.get(slot, 0.0):
+                    self.durations[slot] = elapsed
                 if elapsed > self.budget_s:
-                    log.warning("main-thread slot %s took %.0f ms", name, elapsed * 1e3)
+                    log.warning("main-thread slot %s took %.0f ms", slot, elapsed * 1e3)
 
         return timed
 
@@ -70,7 +71,8 @@ class JobRunner:
 
     def __init__(self, timer: SlotTimer) -> None:
         self.timer = timer
-        self.worker = None
+        # napari's worker (FunctionWorker or GeneratorWorker) while a job runs.
+        self.worker: Any = None
         self.name = ""
 
     @property
@@ -86,7 +88,7 @@ class JobRunner:
         on_return: Callable[[Any], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         on_done: Callable[[bool], None] | None = None,
-    ):
+    ) -> Any:
         from napari.qt.threading import create_worker
 
         if self.worker is not None:

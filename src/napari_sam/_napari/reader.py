@@ -62,7 +62,7 @@ def read_layers(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
 
 
 def get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
-    """napari reader hook: a reader function for NIfTI volumes, None for anything else.
+    """The napari reader hook: a reader function for NIfTI volumes, None for anything else.
 
     Never raises: files that are not NIfTI, corrupt or truncated files and CIFTI-2 files give
     None so napari can try another reader.

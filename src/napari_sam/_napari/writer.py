@@ -20,7 +20,7 @@ __all__ = ["write_labels"]
 
 
 def write_labels(path: str | os.PathLike, data: Any, attributes: dict[str, Any]) -> list[str]:
-    """napari single-layer writer for labels layers.
+    """The napari single-layer writer for labels layers.
 
     Parameters
     ----------
