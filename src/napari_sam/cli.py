@@ -26,6 +26,7 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``napari-sam`` argument parser with every command of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="napari-sam",
         description=(
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``napari-sam`` with ``argv`` (default: the process's arguments); the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

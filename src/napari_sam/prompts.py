@@ -80,7 +80,7 @@ class Prompts:
 
     @property
     def ambiguous(self) -> bool:
-        """Whether the prompts are one click and nothing else: part or whole?
+        """Whether the prompts are one click and nothing else (part or whole is open).
 
         Then ask SAM for three masks and keep the best (``multimask_output=True``); a box, a
         region or several clicks say enough for one.
@@ -207,8 +207,10 @@ class _Operator(NamedTuple):
 
 @functools.lru_cache(maxsize=16)
 def _resample_operator(n_in: int, n_out: int, side: int) -> _Operator:
-    """The ``(side / 4, n_in)`` operator: resize ``n_in -> n_out`` samples as the image is
-    resized (bilinear, antialiased when shrinking), zero-pad to ``side``, average blocks of 4.
+    """The ``(side / 4, n_in)`` operator of resizing, padding and averaging 1-D samples.
+
+    It resizes ``n_in -> n_out`` samples as the image is resized (bilinear, antialiased when
+    shrinking), zero-pads to ``side`` and averages blocks of 4.
 
     Memoised (a pure function of three integers, read-only results): every slice of a volume
     has the same size.
@@ -236,8 +238,11 @@ _CHUNK = 64  # outputs per product: each chunk reads only its band of inputs
 
 
 def _apply_banded(op: _Operator, x: torch.Tensor, lo: int, start: int, stop: int) -> torch.Tensor:
-    """``op.matrix[start:stop, lo:lo + len(x)] @ x``, chunk by chunk of outputs, each product
-    over only the inputs its outputs read (a dense product would multiply mostly zeros)."""
+    """``op.matrix[start:stop, lo:lo + len(x)] @ x``, chunk by chunk of outputs.
+
+    Each product runs over only the inputs its outputs read (a dense product would multiply
+    mostly zeros).
+    """
     out = x.new_zeros(stop - start, x.shape[1])
     hi = lo + len(x)
     for a in range(start, stop, _CHUNK):
@@ -297,7 +302,7 @@ def mask_to_points(mask: np.ndarray, n: int = 1) -> np.ndarray:
     c0, r0, c1, r1 = (int(v) for v in box)
     crop = mask[r0 : r1 + 1, c0 : c1 + 1]
     depth = ndimage.distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
-    rows, cols = np.indices(crop.shape, sparse=True)
+    rows, cols = np.ogrid[: crop.shape[0], : crop.shape[1]]  # np.indices(sparse=True)
     points = []
     for _ in range(n):
         r, c = divmod(int(np.argmax(depth)), crop.shape[1])

@@ -22,7 +22,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from napari_sam.commands._options import (
     load_model_or_fail,
     window_from_args,
 )
+
+if TYPE_CHECKING:
+    from napari_sam.automatic import SamAutomaticMaskGenerator
 
 __all__ = ["add_parser", "image_stem", "read_image", "run", "write_masks_to_folder"]
 
@@ -59,7 +62,8 @@ METADATA_HEADER = (
 )
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``napari-sam amg`` on the CLI's ``subparsers``."""
     p = subparsers.add_parser(
         "amg",
         help="segment everything in images or NIfTI slices (automatic mask generation)",
@@ -131,7 +135,7 @@ def read_image(
     """
     from napari_sam.intensity import Window, resolve_window, to_rgb_uint8
 
-    def window_for(data: np.ndarray) -> Window:
+    def window_for(data: np.ndarray) -> Window | None:
         return resolve_window(data, window or "auto")
 
     from napari_sam.io.nifti import is_nifti_path
@@ -173,7 +177,8 @@ def read_image(
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path) as pil:
+            with Image.open(path) as opened:
+                pil: Image.Image = opened
                 if pil.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
                     pil = pil.convert("RGBA" if "A" in pil.mode else "RGB")
                 elif pil.mode == "LA":
@@ -268,6 +273,7 @@ def _write_outputs(records: list[dict[str, Any]], out_dir: Path, name: str, rle:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``napari-sam amg`` with the parsed ``args``; return the exit status."""
     from napari_sam.automatic import SamAutomaticMaskGenerator
     from napari_sam.cli import CommandError
 
@@ -313,7 +319,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(generator, image: np.ndarray, label: str, quiet: bool) -> list[dict[str, Any]]:
+def _generate(
+    generator: SamAutomaticMaskGenerator, image: np.ndarray, label: str, quiet: bool
+) -> list[dict[str, Any]]:
     steps = generator.iter_generate(image)
     bar = None
     if not quiet:

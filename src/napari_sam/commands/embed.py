@@ -18,7 +18,8 @@ from napari_sam.commands._options import parse_slices
 from napari_sam.commands.segment import add_session_options, open_session, read_volume
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``napari-sam embed`` on the CLI's ``subparsers``."""
     p = subparsers.add_parser(
         "embed",
         help="precompute slice embeddings of a NIfTI volume into the embedding store",
@@ -32,6 +33,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``napari-sam embed`` with the parsed ``args``; return the exit status."""
     from napari_sam.cli import CommandError
 
     if args.no_cache:

@@ -1,9 +1,9 @@
-"""``napari-sam export-onnx``: the prompt encoder + mask decoder as an ONNX file.
+r"""``napari-sam export-onnx``: the prompt encoder + mask decoder as an ONNX file.
 
 The file has the inputs and outputs of segment_anything's ``scripts/export_onnx_model.py``
 (see :mod:`napari_sam.onnx_export`), so web and onnxruntime clients written for it work::
 
-    napari-sam export-onnx --model vit_b --checkpoint sam_vit_b_01ec64.pth -o decoder.onnx \\
+    napari-sam export-onnx --model vit_b --checkpoint sam_vit_b_01ec64.pth -o decoder.onnx \
         --return-single-mask --quantize-out decoder_int8.onnx
 """
 
@@ -17,7 +17,8 @@ from napari_sam.commands._options import add_model_options, load_model_or_fail
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``napari-sam export-onnx`` on the CLI's ``subparsers``."""
     p = subparsers.add_parser(
         "export-onnx",
         help="export the prompt encoder + mask decoder to ONNX (as segment_anything's script)",
@@ -60,6 +61,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``napari-sam export-onnx`` with the parsed ``args``; return the exit status."""
     from napari_sam.cli import CommandError
 
     outputs = [args.output] + ([args.quantize_out] if args.quantize_out else [])

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from napari_sam.registry import ModelSpec
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``napari-sam models`` on the CLI's ``subparsers``."""
     p = subparsers.add_parser(
         "models",
         help="list models, download weights, show where weights go",
@@ -52,7 +57,7 @@ def add_parser(subparsers) -> None:
     inspect.set_defaults(func=run_inspect)
 
 
-def _spec(name: str):
+def _spec(name: str) -> ModelSpec:
     from napari_sam.cli import CommandError
     from napari_sam.registry import get_spec
 
@@ -75,6 +80,7 @@ def format_size(size_bytes: int | None) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    """Run ``napari-sam models list`` with the parsed ``args``; return the exit status."""
     from napari_sam.registry import DEFAULT_MODEL, MODELS
     from napari_sam.weights import cache_dir, cached_path
 
@@ -88,7 +94,9 @@ def run_list(args: argparse.Namespace) -> int:
         rows.append((name, format_size(spec.size_bytes), spec.license, status))
         text = spec.description
         if spec.hub_repo:
-            text += f" From the Hugging Face Hub: {spec.hub_repo} @ {spec.hub_revision[:12]}."
+            text += (
+                f" From the Hugging Face Hub: {spec.hub_repo} @ {(spec.hub_revision or '')[:12]}."
+            )
             if spec.homepage:
                 text += f" Project page: {spec.homepage}."
         elif spec.url is None and spec.homepage:
@@ -108,6 +116,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
+    """Run ``napari-sam models download`` with the parsed ``args``; return the exit status."""
     from napari_sam.cli import CommandError
     from napari_sam.weights import (
         ChecksumError,
@@ -132,6 +141,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_path(args: argparse.Namespace) -> int:
+    """Run ``napari-sam models path`` with the parsed ``args``; return the exit status."""
     from napari_sam.cli import CommandError
     from napari_sam.weights import destination
 
@@ -143,6 +153,7 @@ def run_path(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    """Run ``napari-sam models inspect`` with the parsed ``args``; return the exit status."""
     from napari_sam.cli import CommandError
     from napari_sam.weights import detect_spec, read_state_dict
 

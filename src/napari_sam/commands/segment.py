@@ -34,9 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,6 +53,13 @@ from napari_sam.commands._options import (
     window_from_args,
 )
 from napari_sam.prompts import Prompts
+
+if TYPE_CHECKING:
+    from napari_sam.io.nifti import NiftiVolume
+    from napari_sam.volume.session import VolumeSession
+
+# Makes the error for a place in the prompts document: fail(where, what).
+Fail = Callable[[str, str], Exception]
 
 __all__ = [
     "ObjectPrompts",
@@ -74,12 +82,15 @@ class SlicePrompt:
 
 @dataclass
 class ObjectPrompts:
+    """One object of a prompts document: its label id, its slice prompts and its name."""
+
     label: int
     prompts: list[SlicePrompt]
     name: str = ""
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``napari-sam segment`` on the CLI's ``subparsers``."""
     p = subparsers.add_parser(
         "segment",
         help="segment objects in a NIfTI volume from a box or points, propagate, save labels",
@@ -204,7 +215,7 @@ def parse_prompts(doc: Any, source: str = "prompts") -> list[ObjectPrompts]:
     return result
 
 
-def _parse_slice_prompt(p: Any, where: str, fail) -> SlicePrompt:
+def _parse_slice_prompt(p: Any, where: str, fail: Fail) -> SlicePrompt:
     if not isinstance(p, dict):
         raise fail(where, "expected an object with 'slice' and prompts")
     unknown = set(p) - {"slice", "box", "points", "negative", "absent"}
@@ -229,7 +240,7 @@ def _parse_slice_prompt(p: Any, where: str, fail) -> SlicePrompt:
     return SlicePrompt(index, prompts, absent)
 
 
-def _numbers(value: Any, n: int, where: str, fail) -> list[float]:
+def _numbers(value: Any, n: int, where: str, fail: Fail) -> list[float]:
     if (
         not isinstance(value, list)
         or len(value) != n
@@ -240,7 +251,9 @@ def _numbers(value: Any, n: int, where: str, fail) -> list[float]:
     return [float(v) for v in value]
 
 
-def check_prompt(prompt: SlicePrompt, num_slices: int, slice_shape: tuple[int, int], what: str):
+def check_prompt(
+    prompt: SlicePrompt, num_slices: int, slice_shape: tuple[int, int], what: str
+) -> None:
     """Raise CommandError when a prompt lies outside the volume or is malformed."""
     from napari_sam.cli import CommandError
 
@@ -291,7 +304,7 @@ def _inline_prompts(args: argparse.Namespace) -> list[ObjectPrompts]:
     return [ObjectPrompts(args.label, [SlicePrompt(args.slice_index, prompts)])]
 
 
-def open_session(args: argparse.Namespace, volume: Any):
+def open_session(args: argparse.Namespace, volume: Any) -> VolumeSession:
     """A VolumeSession from the shared model/window/cache options; user errors -> CommandError."""
     from napari_sam.cli import CommandError
     from napari_sam.volume.embeddings import default_cache_dir
@@ -315,7 +328,7 @@ def open_session(args: argparse.Namespace, volume: Any):
         raise CommandError(str(exc)) from None
 
 
-def read_volume(path: Path):
+def read_volume(path: Path) -> NiftiVolume:
     from napari_sam.cli import CommandError
     from napari_sam.io.nifti import is_nifti_path, read_nifti
 
@@ -349,6 +362,7 @@ def _check_output(path: Path, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``napari-sam segment`` with the parsed ``args``; return the exit status."""
     from napari_sam.cli import CommandError
 
     text = args.text is not None
@@ -372,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     detector = _text.load_detector_or_fail(args) if text else None
     start = time.perf_counter()
     with open_session(args, volume) as session:
-        if text:
+        if detector is not None:  # loaded exactly when text prompts are given
             objects = _text.detect_objects(args, session, detector, phrases)
         for obj in list(objects):
             for prompt in obj.prompts:
@@ -419,7 +433,7 @@ def _sam_prompt(prompts: Prompts) -> dict[str, Any]:
     return kwargs
 
 
-def _printer(quiet: bool):
+def _printer(quiet: bool) -> Callable[[str], None]:
     import sys
 
     def say(text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from napari_sam.commands._options import (
     add_axis_option,
@@ -12,6 +13,9 @@ from napari_sam.commands._options import (
     add_window_option,
     window_from_args,
 )
+
+if TYPE_CHECKING:
+    from napari_sam.models.sam import Sam
 
 DESCRIPTION = """\
 Fine-tune a SAM model on your own (image, mask) pairs. Prompts are simulated as SAM's training
@@ -29,7 +33,8 @@ every --checkpoint-every steps OUT and OUT.train-state.pt are written; --resume 
 """
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``napari-sam train`` on the CLI's ``subparsers``."""
     p = subparsers.add_parser(
         "train",
         help="fine-tune a model on image/mask pairs (2D files or NIfTI volumes)",
@@ -74,7 +79,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _model(args):
+def _model(args: argparse.Namespace) -> Sam:
     from napari_sam.cli import CommandError
     from napari_sam.weights import load_model
 
@@ -101,7 +106,8 @@ def _model(args):
         raise CommandError(str(exc)) from None
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``napari-sam train`` with the parsed ``args``; return the exit status."""
     import torch
     from tqdm import tqdm
 

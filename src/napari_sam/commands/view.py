@@ -8,7 +8,8 @@ from pathlib import Path
 SAMPLES = ("mni152_t1", "ct_phantom")
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``napari-sam view`` on the CLI's ``subparsers``."""
     p = subparsers.add_parser(
         "view",
         help="open napari with the Segment Anything widget",
@@ -28,6 +29,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``napari-sam view`` with the parsed ``args``; return the exit status."""
     from napari_sam.cli import CommandError
 
     if args.path is not None and not args.path.exists():
