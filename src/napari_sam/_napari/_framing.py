@@ -19,12 +19,17 @@ def spatial_shape(image: Any) -> tuple[int, ...]:
 
 
 class Framing:
-    """Mixin of :class:`~.widget.SamWidget`: the slicing implied by the viewer (sliced axis,
-    displayed plane, held time point), the axis chooser and the slice-range spin boxes."""
+    """Mixin of :class:`~.widget.SamWidget`: the slicing implied by the viewer.
+
+    That is the sliced axis, the displayed plane and the held time point; also the axis
+    chooser and the slice-range spin boxes.
+    """
 
     def _layer_axes(self, image: Any) -> tuple[int | None, tuple[int, int] | None]:
-        """(sliced axis, displayed plane) of ``image`` from the viewer's dims order; (None,
-        None) when the viewer has fewer dims than the image (layers being removed)."""
+        """(sliced axis, displayed plane) of ``image`` from the viewer's dims order.
+
+        (None, None) when the viewer has fewer dims than the image (layers being removed).
+        """
         ndim = image.ndim
         if ndim < 3:
             return None, None
@@ -35,8 +40,10 @@ class Framing:
         return order[-3], tuple(sorted(order[-2:]))
 
     def _data_point(self, image: Any) -> np.ndarray:
-        """The viewer's current point in ``image``'s data coordinates (zeros while the viewer
-        has fewer dims than the image)."""
+        """The viewer's current point in ``image``'s data coordinates.
+
+        Zeros while the viewer has fewer dims than the image.
+        """
         if self.viewer.dims.ndim < image.ndim:
             return np.zeros(image.ndim)
         return np.asarray(image.world_to_data(self.viewer.dims.point))
@@ -117,8 +124,10 @@ class Framing:
             self.request_segment()
 
     def session_geometry(self, frame: SliceFrame) -> dict:
-        """Scale, translate and metadata of the 3D volume ``frame`` cuts out of the image, so
-        that the session saves labels that line up with the image file."""
+        """Scale, translate and metadata of the 3D volume ``frame`` cuts out of the image.
+
+        With them the session saves labels that line up with the image file.
+        """
         image = self.image_layer
         kept = [a for a in range(len(frame.shape)) if a not in dict(frame.fixed)]
         if frame.axis is None:  # a 2D image is a volume of one slice

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog
+from qtpy.QtWidgets import QFileDialog, QWidget
 
 __all__ = ["ModelChooser", "button_text"]
 
 
 def button_text(text: str) -> str:
-    """``text`` as a QPushButton/QAction shows it: Qt takes ``&`` as its mnemonic marker (and
-    drops it), so it is doubled; nothing else in a label is special to Qt."""
+    """``text`` as a QPushButton/QAction shows it.
+
+    Qt takes ``&`` as its mnemonic marker (and drops it), so it is doubled; nothing else in a
+    label is special to Qt.
+    """
     return text.replace("&", "&&")
 
 
 class ModelChooser:
-    """Mixin of :class:`~.widget.SamWidget`: fills ``model_combo`` from the backend, adds
-    checkpoint files and in-memory models, downloads registry weights in the background.
+    """Mixin of :class:`~.widget.SamWidget`: the model chooser.
+
+    It fills ``model_combo`` from the backend, adds checkpoint files and in-memory models, and
+    downloads registry weights in the background.
 
     Needs from the widget: ``backend``, ``downloads`` (a JobRunner), ``timer``, the panel's
     model controls, ``set_status`` and ``request_segment``.
@@ -33,7 +38,8 @@ class ModelChooser:
         self._model_options: dict[str, Any] = {}  # registry name -> ModelOption
         self._fill_models()
         self._update_download_button()
-        self._download_timer = QTimer(self)
+        # The mixin is always part of the widget, a QWidget (mypy sees only the mixin).
+        self._download_timer = QTimer(cast(QWidget, self))
         self._download_timer.setInterval(100)
         self._download_timer.timeout.connect(
             self.timer.wrap(self._show_download_progress, "download_progress")
@@ -86,12 +92,15 @@ class ModelChooser:
 
     def _choose_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
-            self, "SAM checkpoint", "", "Checkpoints (*.pth *.pt *.safetensors);;All files (*)"
+            cast(QWidget, self),
+            "SAM checkpoint",
+            "",
+            "Checkpoints (*.pth *.pt *.safetensors);;All files (*)",
         )
         if path:
             self.set_checkpoint(path)
 
-    def _option(self):
+    def _option(self) -> Any:  # a ModelOption or None
         source = self.model_source
         return self._model_options.get(source) if isinstance(source, str) else None
 

@@ -13,9 +13,10 @@ __all__ = ["PromptPreview"]
 
 
 class PromptPreview:
-    """Mixin of :class:`~.widget.SamWidget`: reads the prompt layers, runs SAM on the current
-    slice in the background (again when the prompts changed meanwhile), shows the chosen mask
-    in the preview layer.
+    """Mixin of :class:`~.widget.SamWidget`: prompts in, SAM's mask on show.
+
+    It reads the prompt layers, runs SAM on the current slice in the background (again when
+    the prompts changed meanwhile) and shows the chosen mask in the preview layer.
 
     Needs from the widget: ``session``, ``jobs``, ``frame``/``current_index``, ``_setup``, the
     prompt layer objects ``_points``/``_boxes``, ``_preview`` and the panel's buttons.
@@ -29,8 +30,10 @@ class PromptPreview:
 
     @property
     def result(self) -> Result | None:
-        """SAM's answer for the current prompts (masks, predicted IoUs, logits, the mask on
-        show), or None."""
+        """SAM's answer for the current prompts, or None.
+
+        It holds the masks, predicted IoUs, logits and which mask is on show.
+        """
         return self._result
 
     @property

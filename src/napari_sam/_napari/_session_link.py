@@ -1,5 +1,7 @@
-"""Keeping the widget's one VolumeSession on the widget's choices (image, slicing, window,
-model, target labels layer)."""
+"""Keeping the widget's one VolumeSession on the widget's choices.
+
+The choices are the image, slicing, window, model and target labels layer.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ __all__ = ["SessionLink"]
 
 
 class SessionLink:
-    """Mixin of :class:`~.widget.SamWidget`: snapshots the choices into a :class:`Setup` for a
-    job, hands the session a writer on the target labels layer, and brings the session up to
-    date on the spot when napari's console calls it (``session.before_use``)."""
+    """Mixin of :class:`~.widget.SamWidget`: the widget's choices applied to its session.
+
+    It snapshots the choices into a :class:`Setup` for a job, hands the session a writer on
+    the target labels layer, and brings the session up to date on the spot when napari's
+    console calls it (``session.before_use``).
+    """
 
     def _init_link(self) -> None:
         self._prepared = Prepared()
@@ -48,7 +53,10 @@ class SessionLink:
         device = self.device_combo.currentData() or "auto"
         precision = self.speed_combo.currentData() or "auto"
         mode = self.window_combo.currentData() or "auto"
-        limits = tuple(map(float, image.contrast_limits)) if mode == "contrast_limits" else None
+        limits = None
+        if mode == "contrast_limits":
+            low, high = image.contrast_limits
+            limits = (float(low), float(high))
         data = image.data[0] if image.multiscale else image.data
         model_key = (source if isinstance(source, (str, Path)) else id(source), device, precision)
         labels = self.labels_layer
@@ -74,8 +82,10 @@ class SessionLink:
         )
 
     def _invalidate(self, model: bool = False) -> None:
-        """Choices changed: the next job re-targets the session (and reloads the model if
-        ``model``); a preview on show no longer holds."""
+        """Choices changed: the next job re-targets the session.
+
+        It also reloads the model if ``model``; a preview on show no longer holds.
+        """
         self._prepared.target_key = None
         if model:
             self._prepared.model_key = None
@@ -84,8 +94,11 @@ class SessionLink:
             self.request_segment()
 
     def ready_session(self, model: bool = True) -> VolumeSession:
-        """The session on the current choices, prepared here and now (blocks: for napari's
-        console, where the user runs code on the main thread anyway)."""
+        """The session on the current choices, prepared here and now.
+
+        This blocks: it is for napari's console, where the user runs code on the main thread
+        anyway.
+        """
         run_now(
             prepare(
                 self.backend, self.session, self._setup(self.frame()), self._prepared, model=model

@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import napari
 import numpy as np
@@ -44,6 +45,12 @@ from napari_sam._napari._workers import JobRunner, SlotTimer
 from napari_sam._napari.prompt_layers import BoxPrompts, PointPrompts, PromptLayer
 from napari_sam.volume.propagation import Step
 from napari_sam.volume.session import VolumeSession
+
+if TYPE_CHECKING:
+    from napari.layers import Image, Labels, Points, Shapes
+    from qtpy.QtGui import QCloseEvent
+
+    from napari_sam._napari._slicing import SliceFrame
 
 __all__ = ["KEYS", "SamWidget"]
 
@@ -98,7 +105,7 @@ class SamWidget(
         self._job_error: BaseException | None = None
         self._points: PointPrompts | None = None
         self._boxes: BoxPrompts | None = None
-        self._preview = None
+        self._preview: Labels | None = None
         self._connections: list[tuple[Any, Any]] = []  # (viewer-side emitter, callback)
         self._prompt_objects: list[PromptLayer] = []
         self._was_docked = False
@@ -124,7 +131,7 @@ class SamWidget(
 
     @property
     def console_session(self) -> VolumeSession:
-        """napari's console ``sam_session``: the widget's own :attr:`session`."""
+        """The ``sam_session`` of napari's console: the widget's own :attr:`session`."""
         return self.session
 
     @property
@@ -173,18 +180,21 @@ class SamWidget(
         self._listen(self.viewer.dims.events.current_step, t(self._on_step, "step"))
         self._listen(self.viewer.dims.events.order, t(self._on_dims_order, "order"))
 
-    def _listen(self, emitter, callback) -> None:
+    def _listen(self, emitter: Any, callback: Callable[..., Any]) -> None:
         emitter.connect(callback)
         self._connections.append((emitter, callback))
 
-    def _releaser(self):
-        """A function that detaches the widget from the viewer: stops jobs, disconnects
-        events, unbinds keys. It holds no reference to the widget, so it still works while Qt
-        destroys the widget (a closed dock widget is deleted, not just hidden)."""
+    def _releaser(self) -> Callable[..., None]:
+        """A function that detaches the widget from the viewer.
+
+        It stops jobs, disconnects events and unbinds keys. It holds no reference to the
+        widget, so it still works while Qt destroys the widget (a closed dock widget is
+        deleted, not just hidden).
+        """
         viewer, jobs, cancel_download = self.viewer, self.jobs, self._download_cancel
         connections, prompts, session = self._connections, self._prompt_objects, self.session
 
-        def release(*_) -> None:
+        def release(*_: object) -> None:
             jobs.cancel()
             cancel_download.set()
             with contextlib.suppress(Exception):
@@ -203,36 +213,38 @@ class SamWidget(
 
         return release
 
-    def _bind_keys(self, provider) -> None:
+    def _bind_keys(self, provider: Any) -> None:  # the viewer or a layer
         for key, method in KEYS.items():
             provider.bind_key(key, self._key_handler(method), overwrite=True)
 
-    def _key_handler(self, method: str):
+    def _key_handler(self, method: str) -> Callable[[Any], None]:
         slot = self.timer.wrap(getattr(self, method), f"key:{method}")
 
-        def handler(_viewer_or_layer) -> None:
+        def handler(_viewer_or_layer: Any) -> None:
             slot()
 
         handler.__name__ = method
         return handler
 
-    def event(self, event) -> bool:
+    def event(self, event: QEvent | None) -> bool:
         # napari removes a closed dock widget by un-parenting it (it is not deleted while
         # key bindings still refer to it): that is when the widget lets go of the viewer.
-        if event.type() == QEvent.Type.ParentChange:
+        if event is not None and event.type() == QEvent.Type.ParentChange:
             if self.parent() is not None:
                 self._was_docked = True
             elif self._was_docked:
                 self._release()
         return super().event(event)
 
-    def closeEvent(self, event) -> None:
+    def closeEvent(self, event: QCloseEvent | None) -> None:
         self.cleanup()
         super().closeEvent(event)
 
     def cleanup(self) -> None:
-        """Detach from the viewer: stop jobs, disconnect events, release the keys (also done
-        when Qt destroys the widget)."""
+        """Detach from the viewer: stop jobs, disconnect events, release the keys.
+
+        The same happens when Qt destroys the widget.
+        """
         self._release()
 
     def set_status(self, text: str, error: bool = False) -> None:
@@ -246,7 +258,15 @@ class SamWidget(
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def _start(self, name: str, job, *args, frame, on_done, on_return=None) -> None:
+    def _start(
+        self,
+        name: str,
+        job: Callable[..., Any],
+        *args: Any,
+        frame: SliceFrame,
+        on_done: Callable[[bool], None],
+        on_return: Callable[[Any], None] | None = None,
+    ) -> None:
         """Run ``job(backend, session, setup, prepared, *args)`` in the background."""
         setup = self._setup(frame)
         self._busy(True)
@@ -265,7 +285,7 @@ class SamWidget(
             on_done=on_done,
         )
 
-    def _on_job_message(self, message) -> None:
+    def _on_job_message(self, message: object) -> None:
         if isinstance(message, Step):
             self._write_step(message)
         else:
@@ -287,34 +307,34 @@ class SamWidget(
     # choices: image, model, labels, window
 
     @property
-    def image_layer(self):
+    def image_layer(self) -> Image | None:
         """The chosen image layer, or None."""
         return self.image_combo.currentData()
 
     @property
-    def labels_layer(self):
+    def labels_layer(self) -> Labels | None:
         """The target labels layer, or None while "new" is selected and none was created."""
         return self.labels_combo.currentData()
 
     @property
-    def points_layer(self):
+    def points_layer(self) -> Points | None:
         """The widget's point prompts layer."""
         return None if self._points is None else self._points.layer
 
     @property
-    def boxes_layer(self):
+    def boxes_layer(self) -> Shapes | None:
         """The widget's box (and ellipse, polygon) prompts layer."""
         return None if self._boxes is None else self._boxes.layer
 
     @property
-    def preview_layer(self):
+    def preview_layer(self) -> Labels | None:
         """The working labels layer showing the mask on show."""
         return self._preview
 
     def _own_layers(self) -> list:
         return [x for x in (self.points_layer, self.boxes_layer, self._preview) if x is not None]
 
-    def _refresh_layer_choices(self, event=None) -> None:
+    def _refresh_layer_choices(self, event: Any = None) -> None:
         from napari.layers import Image, Labels
 
         own = self._own_layers()
@@ -350,7 +370,7 @@ class SamWidget(
                 self.labels_combo.setCurrentIndex(i)
                 return
 
-    def _on_layer_removed(self, event) -> None:
+    def _on_layer_removed(self, event: Any) -> None:
         layer = event.value
         for prompt in [p for p in self._prompt_objects if p.layer is layer]:
             prompt.disconnect()
@@ -363,14 +383,14 @@ class SamWidget(
             self._preview, self._preview_at = None, None
         self._refresh_layer_choices()
 
-    def _on_model_changed(self, *_) -> None:
+    def _on_model_changed(self, *_: object) -> None:
         self._update_download_button()
         self._invalidate(model=True)
 
-    def _on_settings_changed(self, *_) -> None:
+    def _on_settings_changed(self, *_: object) -> None:
         self._invalidate()
 
-    def _on_image_changed(self, *_) -> None:
+    def _on_image_changed(self, *_: object) -> None:
         image = self.image_layer
         for emitter, callback in [c for c in self._connections if c[1] == self._on_contrast_limits]:
             emitter.disconnect(callback)
@@ -386,7 +406,7 @@ class SamWidget(
         self._sync_axis_combo()
         self.set_status(f"Ready: {image.name}. Add points or boxes.")
 
-    def _on_contrast_limits(self, event=None) -> None:
+    def _on_contrast_limits(self, event: Any = None) -> None:
         if self.window_combo.currentData() == "contrast_limits":
             self._invalidate()
 
@@ -394,16 +414,20 @@ class SamWidget(
     # layers the widget owns
 
     @staticmethod
-    def _geometry(image) -> dict:
+    def _geometry(image: Image) -> dict:
         return {"scale": image.scale, "translate": image.translate}
 
-    def _setup_layers(self, image) -> None:
+    def _setup_layers(self, image: Image) -> None:
         """Prompt and preview layers with the image's dimensionality, scale and translate."""
         geometry = self._geometry(image)
         shape = spatial_shape(image)
-        same = self._preview is not None and tuple(self._preview.data.shape) == shape
-        same = same and np.allclose(self._preview.scale, image.scale)
-        same = same and np.allclose(self._preview.translate, image.translate)
+        preview = self._preview
+        same = (
+            preview is not None
+            and tuple(preview.data.shape) == shape
+            and np.allclose(preview.scale, image.scale)
+            and np.allclose(preview.translate, image.translate)
+        )
         if same and self._points is not None and self._boxes is not None:
             return
         # One batch: napari runs a full garbage collection after each removal outside a batch
@@ -449,7 +473,7 @@ class SamWidget(
             self._quiet = False
         self._refresh_layer_choices()
 
-    def ensure_labels_layer(self):
+    def ensure_labels_layer(self) -> Labels:
         """The target labels layer, created (with the image's geometry) if "new" is selected.
 
         A created layer has the image's spatial shape, scale and translate and a copy of its
