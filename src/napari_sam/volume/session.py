@@ -26,10 +26,10 @@ Example
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from napari_sam.volume.embeddings import Cancel, EncodeFn, weights_fingerprint
 from napari_sam.volume.labels_writer import ArrayWriter, LabelsWriter
 from napari_sam.volume.parts import SessionParts, is_sam2, parts_for
 from napari_sam.volume.propagation import Step, merge_masks
+
+if TYPE_CHECKING:
+    from napari_sam.intensity import Window
 
 __all__ = ["PropagationSummary", "SliceResult", "VolumeSession", "resolve_window"]
 
@@ -361,8 +364,7 @@ class VolumeSession:
     def set_window(self, window: Any) -> None:
         """Change the intensity window; embeddings are then computed (or found) for it."""
         self._check_open()
-        self._require_volume()
-        self.window = resolve_window(self.volume, window)
+        self.window = resolve_window(self._require_volume(), window)
         self._cache = None
         self._tracker = None
 
@@ -373,8 +375,10 @@ class VolumeSession:
         writer: LabelsWriter | None = None,
         key: Any = None,
     ) -> None:
-        """Write into other labels: an integer array of the volume's spatial shape (in place),
-        or a ``writer`` (whose ``labels`` is read). None and no writer: a new zero volume.
+        """Write into other labels.
+
+        These are an integer array of the volume's spatial shape (written in place), or a
+        ``writer`` (whose ``labels`` is read). None and no writer: a new zero volume.
 
         Objects (seed and absent slices) belong to the labels: ``key`` names them so that
         coming back to the same labels (e.g. a napari layer) finds its objects again; default
@@ -440,9 +444,11 @@ class VolumeSession:
 
     @property
     def labels(self) -> np.ndarray | None:
-        """The ``(Z, Y, X)`` labels the session writes into (its writer's; None before a
-        volume is set). Read from the writer each time, so a napari layer whose data array was
-        replaced is followed."""
+        """The ``(Z, Y, X)`` labels the session writes into (None before a volume is set).
+
+        They are the writer's, read from it each time, so a napari layer whose data array was
+        replaced is followed.
+        """
         return None if self.writer is None else self.writer.labels
 
     @property
@@ -460,7 +466,7 @@ class VolumeSession:
         """The embedding cache of the volume, window, axis and model (made on first use)."""
         if self._cache is None:
             self._check_open()
-            self._require_volume()
+            volume = self._require_volume()
             if self.model is None:
                 raise ValueError("no model: choose one first (set_model)")
             options = dict(self._cache_options)
@@ -469,7 +475,7 @@ class VolumeSession:
                     self._model_key = weights_fingerprint(self.model)
                 options["model_key"] = self._model_key
             self._cache = self.parts.make_cache(
-                self.model, self.volume, self.axis, self.window, self.cache_dir, **options
+                self.model, volume, self.axis, self.window, self.cache_dir, **options
             )
         return self._cache
 
@@ -532,7 +538,8 @@ class VolumeSession:
     def next_label_id(self) -> int:
         """The smallest label id above every id in the labels and every object marked absent.
 
-        An object whose pixels are all gone (undone, erased) frees its id, as napari does."""
+        An object whose pixels are all gone (undone, erased) frees its id, as napari does.
+        """
         used = max([self._writer().max_label(), *self._objects.absent, 0])
         return used + 1
 
@@ -691,8 +698,10 @@ class VolumeSession:
         return label_id
 
     def add_objects(self, index: int, found: np.ndarray, *, mode: Mode = "keep") -> list[int]:
-        """Write a label image of one slice (0 = background, 1..n objects, e.g. from
-        :meth:`segment_everything_iter`) as new objects, in one undo step.
+        """Write a label image of one slice as new objects, in one undo step.
+
+        The image has 0 = background and objects 1..n, e.g. from
+        :meth:`segment_everything_iter`.
 
         Object ``k`` gets id ``next_label_id() - 1 + k``; returns the ids written (an object
         that ``mode="keep"`` leaves no pixel of is not written).
@@ -734,8 +743,10 @@ class VolumeSession:
         self._objects.annotated.get(label_id, set()).discard(index)
 
     def remove_object(self, label_id: int) -> int:
-        """Erase an object from :attr:`labels` (one undo step) and forget its seeds; returns
-        the voxels cleared."""
+        """Erase an object from :attr:`labels` (one undo step) and forget its seeds.
+
+        Returns the number of voxels cleared.
+        """
         self._use("labels")
         writer = self._writer()
         hit = writer.labels == label_id
@@ -841,8 +852,10 @@ class VolumeSession:
         return self.parts.propagate(self.cache, self.predictor, seeds, **options)
 
     def write_step(self, step: Step, *, mode: Mode = "keep", replace: bool = True) -> int:
-        """Write one propagated slice through the writer; returns (and records in
-        ``step.changed``) the pixels changed."""
+        """Write one propagated slice through the writer.
+
+        Returns the number of pixels changed, also recorded in ``step.changed``.
+        """
         step.changed = self._write(step.index, step.masks, mode, replace) if step.masks else 0
         return step.changed
 
@@ -853,7 +866,7 @@ class VolumeSession:
         mode: Mode = "keep",
         replace: bool = True,
         **options: Any,
-    ) -> Iterator[Step]:
+    ) -> Generator[Step, None, None]:
         """Propagate objects through the volume, writing each slice before yielding it.
 
         Parameters
@@ -883,7 +896,10 @@ class VolumeSession:
                     self.write_step(step, mode=mode, replace=replace)
                     yield step
         finally:
-            steps.close()
+            # A strategy may return any iterator; a generator is stopped (its finally runs).
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()
 
     def propagate(
         self,
@@ -1006,10 +1022,12 @@ class VolumeSession:
             count += 1
         return count
 
-    def segment_everything_iter(self, index: int) -> Iterator[str]:
-        """Generator: every object SAM finds on slice ``index`` (nothing written); yields
-        progress lines, returns an ``(H, W)`` int32 label image (write it with
-        :meth:`add_objects`)."""
+    def segment_everything_iter(self, index: int) -> Generator[str, None, np.ndarray]:
+        """Generator: every object SAM finds on slice ``index`` (nothing written).
+
+        Yields progress lines; returns an ``(H, W)`` int32 label image (write it with
+        :meth:`add_objects`).
+        """
         self._use("model")
         index = self._check_index(index)
         return (yield from self.parts.segment_everything(self.cache, self.model, index))
@@ -1067,15 +1085,16 @@ def _read_volume(volume: Any) -> tuple[np.ndarray, dict, tuple, str]:
         if not path.exists():
             raise FileNotFoundError(f"volume file {path} does not exist")
         volume = read_nifti(path)
+    scale_translate: tuple[tuple, tuple] | None = None
     if hasattr(volume, "data") and hasattr(volume, "metadata"):
         data = np.asarray(volume.data)
         rgb = bool(getattr(volume, "rgb", False))
-        geometry = (tuple(volume.scale), tuple(volume.translate))
+        scale_translate = (tuple(volume.scale), tuple(volume.translate))
         meta, name = dict(volume.metadata), getattr(volume, "name", "")
     else:
         data = np.asarray(volume)
         rgb = data.ndim == 4 and data.shape[-1] in (3, 4)
-        geometry, meta, name = (None, None), {}, ""
+        meta, name = {}, ""
     if data.ndim != 3 + rgb:
         what = "a 2D image" if data.ndim == 2 + rgb else f"an array of shape {data.shape}"
         hint = (
@@ -1086,9 +1105,9 @@ def _read_volume(volume: Any) -> tuple[np.ndarray, dict, tuple, str]:
         raise ValueError(f"a VolumeSession needs a 3D volume (Z, Y, X), got {what}{hint}")
     if data.dtype.kind not in "biuf":
         raise ValueError(f"volume dtype {data.dtype} is not numeric")
-    if geometry[0] is not None:
-        geometry = (geometry[0][:3], geometry[1][:3])
-    return data, meta, geometry, name
+    if scale_translate is None:
+        return data, meta, (None, None), name
+    return data, meta, (scale_translate[0][:3], scale_translate[1][:3]), name
 
 
 def _load(model: Any, checkpoint: Any, device: str) -> torch.nn.Module:
@@ -1112,7 +1131,7 @@ def _model_source(model: Any, checkpoint: Any, device: str, precision: str | Non
     )
 
 
-def _progress_bar(enabled: bool, desc: str, **kwargs: Any):
+def _progress_bar(enabled: bool, desc: str, **kwargs: Any) -> Any:
     if not enabled:
         return None
     from tqdm.auto import tqdm
