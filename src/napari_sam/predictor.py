@@ -10,6 +10,7 @@ Everything is exact float32 by default, numerically equal to Meta's implementati
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,12 +18,15 @@ from numpy.typing import ArrayLike
 
 from napari_sam.transforms import ResizeLongestSide, transform_for
 
+if TYPE_CHECKING:
+    from napari_sam.models.sam import Sam
+
 __all__ = ["SamPredictor", "check_prompts", "default_to_uint8", "encode_image", "image_to_rgb"]
 
 ToUint8 = Callable[[np.ndarray], np.ndarray]
 
 
-def _check_image(image: np.ndarray) -> np.ndarray:
+def _check_image(image: ArrayLike) -> np.ndarray:
     if not isinstance(image, np.ndarray):
         image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 1:
@@ -90,14 +94,16 @@ def image_to_rgb(
     return rgb
 
 
-def _input_tensor(transform: ResizeLongestSide, rgb: np.ndarray, device) -> torch.Tensor:
+def _input_tensor(
+    transform: ResizeLongestSide, rgb: np.ndarray, device: torch.device | str
+) -> torch.Tensor:
     """Resize an ``H x W x 3`` uint8 image into a ``1 x 3 x h x w`` uint8 tensor."""
     resized = transform.apply_image(rgb)
     return torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None]
 
 
 @torch.no_grad()
-def encode_image(model, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+def encode_image(model: Sam, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
     """Encode one ``H x W x 3`` uint8 RGB image; a pure function of model and image.
 
     Returns
@@ -109,7 +115,7 @@ def encode_image(model, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int
     """
     tensor = _input_tensor(transform_for(model), image, model.device)
     embedding = model.image_encoder(model.preprocess(tensor))
-    return embedding, tuple(tensor.shape[-2:])
+    return embedding, (int(tensor.shape[-2]), int(tensor.shape[-1]))
 
 
 def check_prompts(
@@ -224,8 +230,13 @@ class SamPredictor:
         fastest path whose masks agree with the exact ones at IoU >= 0.99.
     """
 
+    # The image set (by set_image or set_image_embedding); None before, and after reset_image.
+    features: torch.Tensor | None
+    original_size: tuple[int, int] | None
+    input_size: tuple[int, int] | None
+
     def __init__(
-        self, sam_model, to_uint8: ToUint8 | None = None, fast: bool | str = False
+        self, sam_model: Sam, to_uint8: ToUint8 | None = None, fast: bool | str = False
     ) -> None:
         if fast is not False:
             from napari_sam.speed import optimize
@@ -238,6 +249,7 @@ class SamPredictor:
 
     @property
     def device(self) -> torch.device:
+        """Device of the model (and of the embedding)."""
         return self.model.device
 
     @property
@@ -275,8 +287,8 @@ class SamPredictor:
                 f"{tuple(transformed_image.shape)}; use predictor.transform.apply_image first"
             )
         self.reset_image()
-        self.original_size = tuple(int(s) for s in original_image_size[:2])
-        self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
+        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         self.features = self.model.image_encoder(self.model.preprocess(transformed_image))
         self.is_image_set = True
 
@@ -309,7 +321,7 @@ class SamPredictor:
         self.features = emb.to(device=self.device, dtype=torch.float32)
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (
-            tuple(int(s) for s in input_size)
+            (int(input_size[0]), int(input_size[1]))
             if input_size is not None
             else self.transform.input_size(self.original_size)
         )
@@ -317,19 +329,23 @@ class SamPredictor:
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding, ``1 x 256 x E x E``."""
-        self._require_image()
-        return self.features
+        features, _, _ = self._require_image()
+        return features
 
     def reset_image(self) -> None:
+        """Forget the current image (and its embedding)."""
         self.is_image_set = False
         self.features = None
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size = None
         self.input_size = None
 
-    def _require_image(self) -> None:
-        if not self.is_image_set:
+    def _require_image(self) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The embedding, original size and input size of the image set."""
+        features, original, resized = self.features, self.original_size, self.input_size
+        if not self.is_image_set or features is None or original is None or resized is None:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        return features, original, resized
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -340,8 +356,9 @@ class SamPredictor:
         box: ArrayLike | None,
         mask_input: ArrayLike | None,
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        _, original, _ = self._require_image()
         return check_prompts(
-            point_coords, point_labels, box, mask_input, self.original_size, self._low_res_size
+            point_coords, point_labels, box, mask_input, original, self._low_res_size
         )
 
     def predict(
@@ -378,17 +395,17 @@ class SamPredictor:
         iou_predictions : ndarray, shape (C,)
         low_res_logits : ndarray, shape (C, L, L)
         """
-        self._require_image()
+        _, original, _ = self._require_image()
         coords, labels, boxes, masks = self._check_prompts(
             point_coords, point_labels, box, mask_input
         )
         coords_t = labels_t = box_t = mask_t = None
         if coords is not None:
-            coords = self.transform.apply_coords(coords, self.original_size)
+            coords = self.transform.apply_coords(coords, original)
             coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
             labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
         if boxes is not None:
-            boxes = self.transform.apply_boxes(boxes, self.original_size)
+            boxes = self.transform.apply_boxes(boxes, original)
             box_t = torch.as_tensor(boxes, dtype=torch.float, device=self.device)
         if masks is not None:
             mask_t = torch.as_tensor(masks, dtype=torch.float, device=self.device)[None]
@@ -431,7 +448,7 @@ class SamPredictor:
         iou_predictions : Tensor, shape (B, C)
         low_res_logits : Tensor, shape (B, C, L, L)
         """
-        self._require_image()
+        features, original, resized = self._require_image()
         best = isinstance(multimask_output, str)
         if best and multimask_output != "best":
             raise ValueError(
@@ -440,7 +457,7 @@ class SamPredictor:
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         low_res, iou = self.model.mask_decoder(
-            image_embeddings=self.features,
+            image_embeddings=features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
@@ -450,7 +467,7 @@ class SamPredictor:
             rows = torch.arange(iou.shape[0], device=iou.device)
             chosen = iou.argmax(dim=1)
             low_res, iou = low_res[rows, chosen][:, None], iou[rows, chosen][:, None]
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        masks = self.model.postprocess_masks(low_res, resized, original)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou, low_res

@@ -27,13 +27,16 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from napari_sam.cluster import INSTALL_HINT
 from napari_sam.cluster.tasks import Job, ModelLoader, ModelSource, TaskResult, run_job
+
+if TYPE_CHECKING:
+    from napari_sam.models.sam import Sam
 
 try:
     from distributed import WorkerPlugin
@@ -187,7 +190,7 @@ class RemoteEncoder:
     # -- encode_fn ------------------------------------------------------------------------------
 
     def __call__(
-        self, model: torch.nn.Module, image: np.ndarray
+        self, model: Sam, image: np.ndarray
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encode one ``H x W x 3`` uint8 slice image for ``model``.
 

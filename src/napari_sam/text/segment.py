@@ -68,6 +68,8 @@ def segment_boxes(
     """
     embedding = predictor.get_image_embedding()  # raises without an image
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if predictor.original_size is None:  # set with the embedding
+        raise RuntimeError("the predictor has an embedding but no image size")
     h, w = predictor.original_size
     if len(boxes) == 0:
         side = 4 * embedding.shape[-1]  # the decoder upscales the embedding 4x

@@ -155,7 +155,7 @@ class EmbeddingCache:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Any,  # what encode_fn takes: a Sam by default, a SAM 2 model for tracking
         volume: np.ndarray,
         *,
         axis: int = 0,

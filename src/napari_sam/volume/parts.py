@@ -32,8 +32,11 @@ def is_sam2(model: Any) -> bool:
 
 
 def parts_for(model: Any) -> SessionParts:
-    """The default parts for ``model``: :class:`~napari_sam.volume.sam2_parts.Sam2Parts` for
-    SAM 2 models (tracking), :class:`SessionParts` for the others."""
+    """The default parts for ``model``.
+
+    :class:`~napari_sam.volume.sam2_parts.Sam2Parts` for SAM 2 models (tracking),
+    :class:`SessionParts` for the others.
+    """
     if is_sam2(model):
         from napari_sam.volume.sam2_parts import Sam2Parts
 

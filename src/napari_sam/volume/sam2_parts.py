@@ -14,7 +14,7 @@ interface built on the session works with SAM 2 unchanged:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,9 @@ class Sam2Parts(SessionParts):
         """Track the seeds with SAM 2's memory (:func:`track_seeds`)."""
         return track_seeds(cache, predictor, seeds, **options)
 
-    def segment_everything(self, cache: Any, model: Any, index: int) -> Iterator[str]:
+    def segment_everything(
+        self, cache: Any, model: Any, index: int
+    ) -> Generator[str, None, np.ndarray]:
         """Refuse: automatic masks come from SAM 1's grid decoder."""
         raise ValueError(
             "Segment everything needs a SAM 1 model (vit_b, vit_t, ...); SAM 2 models segment "

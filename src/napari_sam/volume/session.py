@@ -935,9 +935,12 @@ class VolumeSession:
 
     @property
     def tracker(self) -> Any:
-        """The :class:`~napari_sam.volume.tracking.VolumeTracker` of the volume, axis, window
-        and SAM 2 model (made on first use; remade when any of them or the labels change, and
-        after :meth:`undo`). ``tracking_options`` are its options."""
+        """The :class:`~napari_sam.volume.tracking.VolumeTracker` of the session.
+
+        It tracks in the volume, axis, window and SAM 2 model; it is made on first use and
+        remade when any of them or the labels change, and after :meth:`undo`.
+        ``tracking_options`` are its options.
+        """
         if self._tracker is None:
             self._use("labels", "model")
             from napari_sam.volume.parts import is_sam2
