@@ -71,7 +71,7 @@ class AmgProgress:
     stage: str
 
 
-def _run(steps: Generator) -> Any:
+def _run(steps: Generator[Any, None, Any]) -> Any:
     """Drive a step generator to its end; its return value."""
     while True:
         try:
@@ -82,7 +82,7 @@ def _run(steps: Generator) -> Any:
 
 def _take(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
     """Rows ``keep`` (bool mask or indices) of every column of a table of candidates."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, torch.Tensor):
             out[key] = value[keep.to(value.device)]
@@ -96,7 +96,7 @@ def _take(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
 
 def _concat(tables: list[dict[str, Any]]) -> dict[str, Any]:
     keys = tables[0].keys()
-    out = {}
+    out: dict[str, Any] = {}
     for key in keys:
         parts = [t[key] for t in tables]
         if isinstance(parts[0], torch.Tensor):
@@ -207,7 +207,7 @@ class SamAutomaticMaskGenerator:
             grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )
-        else:
+        elif point_grids is not None:  # exactly one of the two is given (checked above)
             grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
             if len(grids) < crop_n_layers + 1:
                 raise ValueError(
@@ -390,6 +390,9 @@ class SamAutomaticMaskGenerator:
         predictor = self.predictor
         model = predictor.model
         device = predictor.device
+        features, input_size = predictor.features, predictor.input_size
+        if features is None or input_size is None:
+            raise RuntimeError("the predictor holds no image: set_image first")
         coords = predictor.transform.apply_coords(points, crop_size)
         coords_t = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]
         labels_t = torch.ones(coords_t.shape[:2], dtype=torch.int, device=device)
@@ -397,7 +400,7 @@ class SamAutomaticMaskGenerator:
         # One embedding and the no-mask dense prompt for all points: the fast decoder shares
         # the image side between them.
         low_res, iou_preds = self.decoder(
-            image_embeddings=predictor.features,
+            image_embeddings=features,
             image_pe=model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
@@ -421,9 +424,7 @@ class SamAutomaticMaskGenerator:
         step = max(1, min(32, _UPSCALE_BYTES // per_mask))
         for start in range(0, len(low_res), step):
             chunk = slice(start, start + step)
-            logits = model.postprocess_masks(low_res[chunk, None], predictor.input_size, crop_size)[
-                :, 0
-            ]
+            logits = model.postprocess_masks(low_res[chunk, None], input_size, crop_size)[:, 0]
             stability = calculate_stability_score(
                 logits, model.mask_threshold, self.stability_score_offset
             )
@@ -488,6 +489,7 @@ class SamAutomaticMaskGenerator:
     def _records(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         if not data.get("rles"):
             return []
+        segmentations: list[Any]
         if self.output_mode == "coco_rle":
             segmentations = [coco_encode_rle(rle) for rle in data["rles"]]
         elif self.output_mode == "binary_mask":

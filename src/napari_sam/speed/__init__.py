@@ -73,7 +73,6 @@ from torch import nn
 from napari_sam.speed.twin import is_fast
 
 if TYPE_CHECKING:  # imported where used: importing napari_sam.speed stays cheap
-    from napari_sam.models.sam import Sam
     from napari_sam.speed.sam import FastSam
 
 __all__ = [
@@ -180,13 +179,13 @@ def encoder_settings(model: object) -> str:
     return str(getattr(model, "encoder_settings", ""))
 
 
-def optimize(model: Sam, precision: Precision | str = "auto") -> FastSam:
+def optimize(model: nn.Module, precision: Precision | str = "auto") -> FastSam:
     """Return the fast twin of an exact :class:`~napari_sam.models.sam.Sam`.
 
     Parameters
     ----------
     model : Sam
-        An exact model on the device it will run on (move it first: the int8 weights are
+        An exact model (anything else raises ``TypeError``) on the device it will run on (move it first: the int8 weights are
         packed for the CPU). It is not modified; the fast model shares its parameters.
     precision : {"auto", "fp32", "int8", "bf16"}
         See the module documentation.
@@ -247,7 +246,7 @@ def check_precision(precision: str) -> None:
         )
 
 
-def with_precision(model: Sam, precision: str = "auto") -> Sam:
+def with_precision(model: nn.Module, precision: str = "auto") -> nn.Module:
     """The model to run for a precision choice.
 
     ``"exact"`` -> ``model`` itself, else :func:`optimize` ``(model, precision)``.

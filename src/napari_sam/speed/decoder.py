@@ -29,13 +29,14 @@ exact decoder up to float32 rounding (about 1e-5 on the logits).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_sam.models.mask_decoder import MaskDecoder
-from napari_sam.models.transformer import Attention, TwoWayAttentionBlock
+from napari_sam.models.mask_decoder import MLP, MaskDecoder
+from napari_sam.models.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 from napari_sam.speed.kernels import DerivedWeights
 from napari_sam.speed.twin import FastTwin
 from napari_sam.speed.upscaling import (
@@ -54,6 +55,8 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
     """
 
     exact_type = MaskDecoder
+    # The exact decoder's (MaskDecoder takes any nn.Module); declared for type checkers.
+    transformer: TwoWayTransformer
 
     def speed_up(self, exact: MaskDecoder) -> None:
         """Caches of the image side and of the weights rearranged for the fast products."""
@@ -140,7 +143,7 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
         torch.add(emb_rows, dense_rows, out=keys)
         state = {"keys": keys, "shared": shared, **self._positional(image_pe)}
         if shared:
-            layer = self.transformer.layers[0]
+            layer = _blocks(self.transformer)[0]
             k = keys + state["key_pe"]
             t2i = layer.cross_attn_token_to_image
             i2t = layer.cross_attn_image_to_token
@@ -152,7 +155,7 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
         return state
 
     def _weights_key(self) -> tuple:
-        layer = self.transformer.layers[0]
+        layer = _blocks(self.transformer)[0]
         modules = (
             layer.cross_attn_token_to_image.k_proj,
             layer.cross_attn_token_to_image.v_proj,
@@ -176,7 +179,7 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
         queries = tokens
         # Image tokens are per prompt set (batch B) from the first attention on: the shared
         # first layer's residual makes one copy per prompt set.
-        for i, layer in enumerate(t.layers):
+        for i, layer in enumerate(_blocks(t)):
             if i == 0 and image["shared"]:
                 queries, keys = _cached_block(layer, queries, keys, tokens, image)
             else:
@@ -198,7 +201,7 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
         """
         t = self.transformer
         projs = [t.final_attn_token_to_image.k_proj]
-        for layer in t.layers:
+        for layer in _blocks(t):
             t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
             projs += [t2i.k_proj, i2t.q_proj]
         key = (image_pe._version, tuple((m.weight.data_ptr(), m.weight._version) for m in projs))
@@ -209,8 +212,9 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
         with torch.no_grad():
             tokens = image_pe.flatten(2).transpose(1, 2).contiguous()
             pe = tokens[0]  # N x C
-            folded = []
-            for layer in t.layers:
+            # Per layer (token-to-image keys, image-to-token queries); the final attention's keys.
+            folded: list[tuple[torch.Tensor, ...]] = []
+            for layer in _blocks(t):
                 t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
                 folded.append((_project_pe(t2i, t2i.k_proj, pe), _project_pe(i2t, i2t.q_proj, pe)))
             final = t.final_attn_token_to_image
@@ -235,11 +239,13 @@ class FastMaskDecoder(FastTwin, MaskDecoder):
         return [p for mlp in self.output_hypernetworks_mlps for p in mlp.parameters()]
 
     def _hypernetwork_weights(self) -> tuple[torch.Tensor, ...]:
-        mlps = self.output_hypernetworks_mlps
+        # nn.ModuleList types its items as Module: these are MLPs of nn.Linear layers.
+        mlps = cast(list[MLP], list(self.output_hypernetworks_mlps))
         out = []
         for i in range(mlps[0].num_layers):
-            out.append(torch.stack([m.layers[i].weight.T for m in mlps]))  # M x in x out
-            out.append(torch.stack([m.layers[i].bias for m in mlps]))  # M x out
+            linears = [cast(nn.Linear, m.layers[i]) for m in mlps]
+            out.append(torch.stack([lin.weight.T for lin in linears]))  # M x in x out
+            out.append(torch.stack([lin.bias for lin in linears]))  # M x out
         return tuple(out)
 
     # -- output upscaling ----------------------------------------------------------------------
@@ -268,6 +274,11 @@ def _self_attention(
         q = queries + query_pe
         queries = queries + layer.self_attn(q=q, k=q, v=queries)
     return layer.norm1(queries)
+
+
+def _blocks(transformer: TwoWayTransformer) -> list[TwoWayAttentionBlock]:
+    """The transformer's blocks, typed (nn.ModuleList types its items as Module)."""
+    return cast(list[TwoWayAttentionBlock], list(transformer.layers))
 
 
 def _project_pe(attn: Attention, linear: nn.Linear, pe: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,11 @@ class DynamicInt8Linear(FastTwin):
     """
 
     exact_type = nn.Linear
+    # Shared with the exact layer by from_exact; declared for type checkers.
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
 
     def speed_up(self, exact: nn.Linear, reduce_range: bool | None = None) -> None:
         """Pack the int8 weights.

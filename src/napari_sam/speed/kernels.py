@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from napari_sam.speed.twin import FastTwin
+
+if TYPE_CHECKING:
+    from napari_sam.speed.int8 import DynamicInt8Linear
 
 __all__ = [
     "DerivedWeights",
@@ -31,7 +35,8 @@ __all__ = [
 ]
 
 Activation = str | None  # "gelu" or None
-LinearFactory = Callable[[nn.Linear], nn.Module]  # float Linear -> its twin (``X.from_exact``)
+# float Linear -> its twin (``X.from_exact``); both twins share the layer's weight and bias.
+LinearFactory = Callable[[nn.Linear], "FusedLinear | DynamicInt8Linear"]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -84,6 +89,11 @@ class FusedLinear(FastTwin):
     """
 
     exact_type = nn.Linear
+    # Shared with the exact layer by from_exact; declared for type checkers.
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
 
     def forward(self, x: torch.Tensor, activation: Activation = None) -> torch.Tensor:
         """``x W^T + b``, then the optional ``"gelu"``."""
@@ -134,9 +144,12 @@ def conv2d(
 
 def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of one convolution equal to ``bn(conv(x))`` in eval mode."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        raise ValueError("a batch norm without running statistics cannot be folded")
+    scale = bn.weight / torch.sqrt(var + bn.eps)
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    bias = bn.bias - bn.running_mean * scale
+    bias = bn.bias - mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     return weight.detach(), bias.detach()
@@ -151,14 +164,14 @@ class DerivedWeights:
     Parameters
     ----------
     sources : callable
-        Returns the tensors the result depends on.
+        Returns the tensors the result depends on (None for an absent one, e.g. no bias).
     compute : callable
         Computes the derived tensors from nothing (reads the module itself).
     """
 
     def __init__(
         self,
-        sources: Callable[[], Sequence[torch.Tensor]],
+        sources: Callable[[], Sequence[torch.Tensor | None]],
         compute: Callable[[], tuple[torch.Tensor, ...]],
     ) -> None:
         self._sources = sources
@@ -168,7 +181,7 @@ class DerivedWeights:
 
     def get(self) -> tuple[torch.Tensor, ...]:
         """The derived tensors, recomputed first if a source changed since the last call."""
-        key = tuple((t.data_ptr(), t._version, t.device) for t in self._sources())
+        key = tuple((t.data_ptr(), t._version, t.device) for t in self._sources() if t is not None)
         if self._value is None or key != self._key:
             with torch.no_grad():
                 self._value = self._compute()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,8 +91,11 @@ def _tap_order(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(-1, 2, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16)
 
 
-def _embed_rows(layers: list[nn.Module], blocks: torch.Tensor) -> torch.Tensor:
-    """SAM's mask downscaling on ``K x 16`` blocks (:func:`_tap_order`) -> ``K x C`` tokens."""
+def _embed_rows(layers: list[Any], blocks: torch.Tensor) -> torch.Tensor:
+    """SAM's mask downscaling on ``K x 16`` blocks (:func:`_tap_order`) -> ``K x C`` tokens.
+
+    ``layers`` are the seven modules :func:`_is_mask_downscaling` accepts.
+    """
     conv1, norm1, act1, conv2, norm2, act2, conv3 = layers
     x = F.linear(blocks.reshape(-1, 4), conv1.weight.reshape(conv1.out_channels, 4), conv1.bias)
     x = act1(F.layer_norm(x, x.shape[-1:], norm1.weight, norm1.bias, norm1.eps))

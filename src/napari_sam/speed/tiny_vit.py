@@ -15,11 +15,14 @@ Submodules keep the exact model's names and parameters, so the state dict is the
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from napari_sam.models import tiny_vit as tv
+from napari_sam.models.common import LayerNorm2d
 from napari_sam.speed.kernels import (
     DerivedWeights,
     FusedLinear,
@@ -38,6 +41,9 @@ class FastConvBN(FastTwin):
     """A :class:`~napari_sam.models.tiny_vit.Conv2dBN` as one convolution (BatchNorm folded)."""
 
     exact_type = tv.Conv2dBN
+    # Shared with the exact module by from_exact; declared for type checkers.
+    c: nn.Conv2d
+    bn: nn.BatchNorm2d
 
     def speed_up(self, exact: tv.Conv2dBN) -> None:
         bn = self.bn
@@ -51,6 +57,8 @@ class FastConvBN(FastTwin):
     ) -> torch.Tensor:
         weight, bias = self._folded.get()
         c = self.c
+        if isinstance(c.padding, str):  # Conv2dBN pads by a number of pixels
+            raise ValueError(f"cannot run a folded convolution with padding={c.padding!r}")
         return conv2d(
             x,
             weight,
@@ -71,6 +79,10 @@ class FastTinyViT(FastTwin):
     """
 
     exact_type = tv.TinyViT
+    # Shared with the exact encoder by from_exact; declared for type checkers.
+    neck: nn.Sequential
+    in_chans: int
+    img_size: int
 
     def speed_up(
         self,
@@ -100,7 +112,8 @@ class FastTinyViT(FastTwin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``B x 3 x S x S`` images -> ``B x 256 x S/16 x S/16`` embeddings (float32)."""
-        tv.TinyViT.check_input(self, x)  # reads only in_chans and img_size
+        # Reads only in_chans and img_size, which the twin shares (it is no TinyViT subclass).
+        tv.TinyViT.check_input(self, x)  # type: ignore[arg-type]
         with autocast(x.device, self.autocast_dtype):
             x = self.patch_embed(x.float().contiguous(memory_format=torch.channels_last))
             for layer in self.layers:
@@ -110,14 +123,15 @@ class FastTinyViT(FastTwin):
 
 def _neck(neck: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """The shared neck (conv 1x1, LayerNorm2d, conv 3x3, LayerNorm2d) in channels-last."""
-    conv1, norm1, conv2, norm2 = neck
+    layers: list[Any] = list(neck)  # TinyViT's neck, as the docstring says
+    conv1, norm1, conv2, norm2 = layers
     x = conv2d(x, conv1.weight, None)
     x = _layer_norm_2d(x, norm1)
     x = conv2d(x, conv2.weight, None, padding=conv2.padding[0])
     return _layer_norm_2d(x, norm2)
 
 
-def _layer_norm_2d(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def _layer_norm_2d(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
     # Channels-last NCHW is NHWC in memory: normalise the last axis of that view.
     y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
     return y.permute(0, 3, 1, 2)
@@ -137,6 +151,10 @@ class FastPatchEmbed(FastTwin):
 
 class FastMBConv(FastTwin):
     exact_type = tv.MBConv
+    # Set by _fast_convolutions; declared for type checkers.
+    conv1: FastConvBN
+    conv2: FastConvBN
+    conv3: FastConvBN
 
     def speed_up(self, exact: tv.MBConv) -> None:
         _fast_convolutions(self, exact)
@@ -148,6 +166,10 @@ class FastMBConv(FastTwin):
 
 class FastPatchMerging(FastTwin):
     exact_type = tv.PatchMerging
+    # Set by _fast_convolutions; declared for type checkers.
+    conv1: FastConvBN
+    conv2: FastConvBN
+    conv3: FastConvBN
 
     def speed_up(self, exact: tv.PatchMerging) -> None:
         _fast_convolutions(self, exact)
@@ -199,6 +221,7 @@ class FastBasicLayer(FastTwin):
 
 class FastTinyViTBlock(FastTwin):
     exact_type = tv.TinyViTBlock
+    window_size: int  # shared with the exact block by from_exact
 
     def speed_up(self, exact: tv.TinyViTBlock, linear: LinearFactory) -> None:
         self.attn = FastWindowAttention.from_exact(exact.attn, linear=linear)
@@ -219,6 +242,12 @@ class FastTinyViTBlock(FastTwin):
 
 class FastWindowAttention(FastTwin):
     exact_type = tv.Attention
+    # Shared with the exact attention by from_exact; declared for type checkers.
+    norm: nn.LayerNorm
+    num_heads: int
+    head_dim: int
+    attention_biases: torch.Tensor
+    attention_bias_idxs: torch.Tensor
 
     def speed_up(self, exact: tv.Attention, linear: LinearFactory) -> None:
         self.qkv = linear(exact.qkv)
@@ -245,6 +274,7 @@ class FastWindowAttention(FastTwin):
 
 class FastMlp(FastTwin):
     exact_type = tv.Mlp
+    norm: nn.LayerNorm  # shared with the exact MLP by from_exact
 
     def speed_up(self, exact: tv.Mlp, linear: LinearFactory) -> None:
         self.fc1 = linear(exact.fc1)

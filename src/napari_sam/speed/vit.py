@@ -26,6 +26,7 @@ from napari_sam.models.image_encoder import (
     Attention,
     Block,
     ImageEncoderViT,
+    PatchEmbed,
     relative_position_table,
 )
 from napari_sam.speed.kernels import FusedLinear, LinearFactory, autocast
@@ -48,6 +49,12 @@ class FastImageEncoderViT(FastTwin):
     """
 
     exact_type = ImageEncoderViT
+    # Shared with the exact encoder by from_exact; declared for type checkers.
+    patch_embed: PatchEmbed
+    pos_embed: nn.Parameter | None
+    neck: nn.Sequential
+    in_chans: int
+    img_size: int
 
     def speed_up(
         self,
@@ -75,7 +82,8 @@ class FastImageEncoderViT(FastTwin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``B x 3 x S x S`` images -> ``B x C_out x S/16 x S/16`` embeddings (float32)."""
-        ImageEncoderViT.check_input(self, x)  # reads only in_chans and img_size
+        # Reads only in_chans and img_size, which the twin shares (it is no subclass).
+        ImageEncoderViT.check_input(self, x)  # type: ignore[arg-type]
         with autocast(x.device, self.autocast_dtype):
             x = self.patch_embed(x.float())
             if self.pos_embed is not None:
@@ -89,6 +97,10 @@ class FastBlock(FastTwin):
     """Fast twin of a ViT :class:`Block` (``B x H x W x C`` in and out)."""
 
     exact_type = Block
+    # Shared with the exact block by from_exact; declared for type checkers.
+    norm1: nn.Module
+    norm2: nn.Module
+    window_size: int
 
     def speed_up(self, exact: Block, linear: LinearFactory) -> None:
         self.attn = FastAttention.from_exact(exact.attn, linear=linear)
@@ -117,6 +129,11 @@ class FastAttention(FastTwin):
     """Multi-head attention with decomposed relative positions, through flash SDPA."""
 
     exact_type = Attention
+    # Shared with the exact attention by from_exact; declared for type checkers.
+    num_heads: int
+    use_rel_pos: bool
+    rel_pos_h: nn.Parameter
+    rel_pos_w: nn.Parameter
 
     def speed_up(self, exact: Attention, linear: LinearFactory) -> None:
         self.qkv = linear(exact.qkv)
@@ -157,6 +174,7 @@ class FastMLP(FastTwin):
     """The block's MLP with its GELU inside the first product."""
 
     exact_type = MLPBlock
+    act: nn.Module  # shared with the exact MLP by from_exact
 
     def speed_up(self, exact: MLPBlock, linear: LinearFactory) -> None:
         self.lin1 = linear(exact.lin1)

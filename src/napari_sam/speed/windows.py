@@ -19,6 +19,9 @@ def _blocks(h: int, w: int, ws: int) -> tuple[list[tuple], list[tuple]]:
     """``(grid rows, grid cols, window-row index, row-in-window, ...)`` of the four blocks."""
     fh, fw = h // ws, w // ws
     rh, rw = h - fh * ws, w - fw * ws
+    # (pixel slice, grid slice or index, in-window slice, windows along the axis or None)
+    rows: list[tuple]
+    cols: list[tuple]
     rows = [(slice(0, fh * ws), slice(0, fh), slice(None), fh)] if fh else []
     if rh:
         rows.append((slice(fh * ws, h), fh, slice(0, rh), None))
