@@ -185,8 +185,9 @@ def optimize(model: nn.Module, precision: Precision | str = "auto") -> FastSam:
     Parameters
     ----------
     model : Sam
-        An exact model (anything else raises ``TypeError``) on the device it will run on (move it first: the int8 weights are
-        packed for the CPU). It is not modified; the fast model shares its parameters.
+        An exact model (anything else raises ``TypeError``) on the device it will run on
+        (move it first: the int8 weights are packed for the CPU). It is not modified; the
+        fast model shares its parameters.
     precision : {"auto", "fp32", "int8", "bf16"}
         See the module documentation.
 
