@@ -17,11 +17,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from napari_sam.volume.parts import SessionParts, is_sam2
+
+if TYPE_CHECKING:  # imported lazily at run time (napari reads the manifest without torch)
+    import torch
+
+    from napari_sam.intensity import Window
 
 __all__ = ["DETECTOR_CHOICES", "Backend", "ModelOption", "WindowOption"]
 
@@ -58,8 +63,10 @@ def _megabytes(n: int | None) -> str:
 
 
 class Backend(SessionParts):
-    """Default bindings to the engine modules (imported lazily: napari reads the manifest
-    without importing torch). ``everything_options``: see :class:`SessionParts`.
+    """Default bindings to the engine modules.
+
+    They are imported lazily: napari reads the manifest without importing torch.
+    ``everything_options``: see :class:`SessionParts`.
 
     Attributes
     ----------
@@ -135,9 +142,12 @@ class Backend(SessionParts):
             found.append(("int8 (approximate)", "int8"))
         return found
 
-    def load_model(self, source: Any, device: str, precision: str = "exact"):
-        """A registry name (not downloaded here: the widget asks first), a checkpoint path, or
-        an already built model; run at ``precision`` (see :func:`napari_sam.speed.with_precision`).
+    def load_model(self, source: Any, device: str, precision: str = "exact") -> torch.nn.Module:
+        """The model of ``source``, run at ``precision``.
+
+        ``source`` is a registry name (not downloaded here: the widget asks first), a
+        checkpoint path, or an already built model; for ``precision`` see
+        :func:`napari_sam.speed.with_precision`.
         """
         from napari_sam import weights
         from napari_sam.speed import is_fast, with_precision
@@ -149,7 +159,8 @@ class Backend(SessionParts):
         model = weights.load_model(source, device=device, download=False)
         return with_precision(model, precision)
 
-    def model_name(self, model) -> str:
+    def model_name(self, model: torch.nn.Module) -> str:
+        """The model's registry name, else its class name."""
         spec = getattr(model, "spec", None)
         return getattr(spec, "name", type(model).__name__)
 
@@ -163,8 +174,7 @@ class Backend(SessionParts):
         else:
             presets = CT_PRESETS
         options = [WindowOption("Auto (CT soft tissue or MR percentiles)", "auto")]
-        for name, value in presets.items():
-            width, level = (value.width, value.level) if hasattr(value, "width") else value
+        for name, (width, level) in presets.items():  # CT_PRESETS: (width, level) in HU
             title = name.replace("_", " ")
             options.append(WindowOption(f"CT {title} ({width:g}/{level:g})", name))
         options += [
@@ -174,13 +184,21 @@ class Backend(SessionParts):
         ]
         return options
 
-    def make_window(self, volume, mode: str, contrast_limits=None, rgb: bool = False):
+    def make_window(
+        self,
+        volume: np.ndarray,
+        mode: str,
+        contrast_limits: tuple[float, float] | None = None,
+        rgb: bool = False,
+    ) -> Window | None:
         """One window for the whole volume (None for 8-bit RGB, which SAM takes as is)."""
         if rgb and np.asarray(volume[:1]).dtype == np.uint8:
             return None
         from napari_sam.intensity import make_window
 
         if mode == "contrast_limits":
+            if contrast_limits is None:
+                raise ValueError("window mode 'contrast_limits' needs the layer's contrast limits")
             low, high = contrast_limits
             return make_window(volume, "contrast_limits", limits=(float(low), float(high)))
         return make_window(volume, mode)
@@ -200,8 +218,10 @@ class Backend(SessionParts):
         return super().make_predictor(model) if sam2 is None else sam2.make_predictor(model)
 
     def make_cache(self, model: Any, *args: Any, **options: Any) -> Any:
-        """The embedding cache of a volume (SAM 2: its feature cache); arguments as in
-        :meth:`SessionParts.make_cache`."""
+        """The embedding cache of a volume (SAM 2: its feature cache).
+
+        Arguments as in :meth:`SessionParts.make_cache`.
+        """
         sam2 = _sam2_parts(model)
         if sam2 is None:
             return super().make_cache(model, *args, **options)
@@ -259,8 +279,10 @@ class Backend(SessionParts):
     # -- text detectors ----------------------------------------------------------------------
 
     def detector_thresholds(self, source: str) -> tuple[float, float]:
-        """``(box_threshold, text_threshold)`` defaults of the detector ``source`` (a short
-        name, or a folder whose ``config.json`` names its model type)."""
+        """``(box_threshold, text_threshold)`` defaults of the detector ``source``.
+
+        ``source`` is a short name, or a folder whose ``config.json`` names its model type.
+        """
         from napari_sam.text.detectors import DETECTORS, GroundingDinoDetector
 
         cls = DETECTORS[source][0] if source in DETECTORS else GroundingDinoDetector
@@ -274,7 +296,7 @@ class Backend(SessionParts):
             cls = by_type.get(model_type, cls)
         return cls.default_box_threshold, cls.default_text_threshold
 
-    def detector(self, source: str, device: str):
+    def detector(self, source: str, device: str) -> Any:  # a text detector
         """The text detector ``source`` on ``device``, loaded once and kept (worker threads)."""
         key = (str(source), str(device))
         with self._detector_lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +30,9 @@ class _Propagation:
 
 
 class CommitAndPropagate:
-    """Mixin of :class:`~.widget.SamWidget`: commit (C), propagate (Shift+S), segment
-    everything, cancel.
+    """Mixin of :class:`~.widget.SamWidget`: commit, propagate, segment everything, cancel.
+
+    Keys: C commits, Shift+S propagates.
 
     Needs from the widget: ``session``, ``jobs``, ``result``, ``ensure_labels_layer``,
     ``attach_labels``, ``frame``/``current_index``, ``_start`` and the panel's controls.
@@ -39,9 +41,11 @@ class CommitAndPropagate:
     def _init_commit(self) -> None:
         self._propagation: _Propagation | None = None
 
-    def _target_labels(self, frame: SliceFrame):
-        """The labels layer the session writes into for ``frame`` (created if "new"), or None
-        with the reason shown."""
+    def _target_labels(self, frame: SliceFrame) -> Any:
+        """The labels layer the session writes into for ``frame`` (created if "new").
+
+        None, with the reason shown, when there is none that fits.
+        """
         labels = self.ensure_labels_layer()
         if tuple(labels.data.shape) != frame.shape:
             self.set_status(
@@ -88,8 +92,11 @@ class CommitAndPropagate:
         )
 
     def committed(self, frame: SliceFrame | None = None) -> dict[int, list[int]]:
-        """Label id -> slices where it was committed (the session's objects), for the slicing
-        ``frame`` (default the current one; {} when the session works on another)."""
+        """Label id -> slices where it was committed (the session's objects).
+
+        For the slicing ``frame``: default the current one; {} when the session works on
+        another.
+        """
         frame = frame or self.frame()
         labels = self.labels_layer
         if labels is None or self.session.volume is None:
@@ -191,8 +198,10 @@ class CommitAndPropagate:
     # -- segment everything -------------------------------------------------------------------
 
     def segment_everything(self) -> None:
-        """Every object SAM finds on the current slice, committed as new label ids (one undo
-        step), in the background with progress and Cancel."""
+        """Every object SAM finds on the current slice, committed as new label ids.
+
+        One undo step, run in the background with progress and Cancel.
+        """
         if not self._can_start(model=True):
             return
         frame = self.frame()
@@ -206,8 +215,10 @@ class CommitAndPropagate:
         )
 
     def _add_objects(self, frame: SliceFrame, index: int, found: np.ndarray) -> list[int] | None:
-        """Write a label image of slice ``index`` as new objects (one undo step); the ids
-        written, or None with the reason shown."""
+        """Write a label image of slice ``index`` as new objects (one undo step).
+
+        Returns the ids written, or None with the reason shown.
+        """
         if self._target_labels(frame) is None:
             return None
         try:

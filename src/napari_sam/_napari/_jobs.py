@@ -268,8 +268,11 @@ def boxes_job(
     index: int,
     objects: list[Prompts],
 ) -> Generator[str, None, tuple[int, np.ndarray]]:
-    """Generator: SAM's single mask for each box on slice ``index``; returns ``(index, label
-    image)`` with object ``k`` as ``k + 1`` (an earlier object keeps contested pixels)."""
+    """Generator: SAM's single mask for each box on slice ``index``.
+
+    Returns ``(index, label image)`` with object ``k`` as ``k + 1`` (an earlier object keeps
+    contested pixels).
+    """
     yield from prepare(backend, session, setup, prepared)
     if not session.is_encoded(index):
         yield f"Encoding slice {index}…"

@@ -115,8 +115,10 @@ class Section(QWidget):
 
 
 class SamPanel(QWidget):
-    """Five sections: model, prompts, text prompt, labels, volume; then a status line, in a
-    scroll area."""
+    """Five sections (model, prompts, text prompt, labels, volume), then a status line.
+
+    All in a scroll area.
+    """
 
     def __init__(self) -> None:
         super().__init__()

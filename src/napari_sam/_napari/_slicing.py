@@ -161,8 +161,10 @@ class SliceFrame:
         return index, float(point[r]), float(point[c])
 
     def point(self, index: int, row: float, col: float) -> np.ndarray:
-        """The data-coordinate point at ``(row, col)`` of slice ``index`` (inverse of
-        :meth:`locate`)."""
+        """The data-coordinate point at ``(row, col)`` of slice ``index``.
+
+        The inverse of :meth:`locate`.
+        """
         point = np.zeros(len(self.shape))
         for a, i in self.fixed:
             point[a] = i

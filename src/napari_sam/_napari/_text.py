@@ -10,10 +10,10 @@ boxes" makes every box on the slice its own object. The engine is :mod:`napari_s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
-from qtpy.QtWidgets import QFileDialog
+from qtpy.QtWidgets import QFileDialog, QWidget
 
 from napari_sam._napari._backend import DETECTOR_CHOICES
 from napari_sam._napari._jobs import boxes_job, detect_job
@@ -53,8 +53,8 @@ class TextPrompts:
                 control.setEnabled(False)
 
     @property
-    def detector_source(self) -> str:
-        """The chosen detector: a short name (``"grounding-dino-tiny"``) or a folder."""
+    def detector_source(self) -> str | None:
+        """The chosen detector: a short name (``"grounding-dino-tiny"``), a folder, or None."""
         return self.detector_combo.currentData()
 
     def set_detector(self, folder: str | Path) -> None:
@@ -67,7 +67,8 @@ class TextPrompts:
         self.detector_combo.setCurrentIndex(self.detector_combo.count() - 1)
 
     def _choose_detector_folder(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Text detector folder")
+        # The mixin is always part of the widget, a QWidget (mypy sees only the mixin).
+        folder = QFileDialog.getExistingDirectory(cast(QWidget, self), "Text detector folder")
         if folder:
             self.set_detector(folder)
 
@@ -145,8 +146,10 @@ class TextPrompts:
     # -- every box its own object -------------------------------------------------------------
 
     def segment_all_boxes(self) -> None:
-        """Every shape in SAM boxes on the current slice becomes its own object (new label
-        ids, best detector score first), committed as one undo step."""
+        """Every shape in SAM boxes on the current slice becomes its own object.
+
+        New label ids, best detector score first, committed as one undo step.
+        """
         if not self._can_start(model=True) or self._boxes is None:
             return
         frame = self.frame()

@@ -14,8 +14,8 @@ with their own scale or translate, and anisotropic volumes, give the right pixel
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from skimage.draw import ellipse as draw_ellipse
@@ -23,6 +23,9 @@ from skimage.draw import polygon as draw_polygon
 
 from napari_sam._napari._slicing import SliceFrame
 from napari_sam.prompts import Prompts
+
+if TYPE_CHECKING:
+    from napari.layers import Image, Layer, Points, Shapes
 
 __all__ = ["BoxPrompts", "PointPrompts", "PromptLayer", "Prompts"]
 
@@ -32,16 +35,18 @@ BOX_COLOR = "yellow"
 _PAST_TENSE = {"added", "changed", "removed"}
 
 
-def _from_image_data(layer, image, data: np.ndarray) -> np.ndarray:
-    """Data coordinates of ``image`` -> data coordinates of ``layer`` (inverse of
-    :func:`_to_image_data`)."""
+def _from_image_data(layer: Layer, image: Image, data: np.ndarray) -> np.ndarray:
+    """Data coordinates of ``image`` -> data coordinates of ``layer``.
+
+    The inverse of :func:`_to_image_data`.
+    """
     out = np.empty((len(data), layer.ndim))
     for i, p in enumerate(np.asarray(data, dtype=float)):
         out[i] = layer.world_to_data(image.data_to_world(p))
     return np.round(out, 6)
 
 
-def _to_image_data(layer, image, data: np.ndarray) -> np.ndarray:
+def _to_image_data(layer: Layer, image: Image, data: np.ndarray) -> np.ndarray:
     """Data coordinates of ``layer`` -> data coordinates of ``image`` (through world space)."""
     out = np.empty((len(data), image.ndim))
     for i, p in enumerate(np.asarray(data, dtype=float)):
@@ -61,12 +66,12 @@ class PromptLayer:
         Called with ``(self, action)`` after prompts were added, changed or removed.
     """
 
-    def __init__(self, layer, on_change: Callable[[PromptLayer, str], None]) -> None:
+    def __init__(self, layer: Layer, on_change: Callable[[PromptLayer, str], None]) -> None:
         self.layer = layer
         self._on_change = on_change
         layer.events.data.connect(self._on_data)
 
-    def _on_data(self, event) -> None:
+    def _on_data(self, event: Any) -> None:
         action = str(getattr(event, "action", "changed"))
         if action in _PAST_TENSE:
             self._on_change(self, action)
@@ -78,11 +83,11 @@ class PromptLayer:
         """Remove every prompt (one "removed" event)."""
         raise NotImplementedError
 
-    def collect(self, prompts: Prompts, image, frame: SliceFrame, index: int) -> None:
+    def collect(self, prompts: Prompts, image: Image, frame: SliceFrame, index: int) -> None:
         """Add this layer's prompts on slice ``index`` to ``prompts``."""
         raise NotImplementedError
 
-    def on_slice(self, image, frame: SliceFrame) -> set[int]:
+    def on_slice(self, image: Image, frame: SliceFrame) -> set[int]:
         """The slice indices that hold at least one of this layer's prompts."""
         raise NotImplementedError
 
@@ -91,7 +96,8 @@ class PointPrompts(PromptLayer):
     """Positive and negative clicks in a Points layer (sign in the ``sign`` feature)."""
 
     @staticmethod
-    def make_layer(ndim: int, *, size: float, **geometry):
+    def make_layer(ndim: int, *, size: float, **geometry: Any) -> Points:
+        """A new, empty Points layer for prompts; ``geometry``: the image's scale etc."""
         from napari.layers import Points
 
         return Points(
@@ -117,7 +123,8 @@ class PointPrompts(PromptLayer):
         """Flip the sign of the points added from now on; return it (True = positive).
 
         Points already placed keep their sign (a freshly added point is selected in napari, so
-        flipping the selection would flip the click just made)."""
+        flipping the selection would flip the click just made).
+        """
         sign = "negative" if self.positive else "positive"
         self.layer.feature_defaults = {"sign": sign}
         self.layer.current_face_color = POSITIVE_COLOR if sign == "positive" else NEGATIVE_COLOR
@@ -128,7 +135,7 @@ class PointPrompts(PromptLayer):
             self.layer.selected_data = set(range(len(self.layer.data)))
             self.layer.remove_selected()
 
-    def _located(self, image, frame: SliceFrame):
+    def _located(self, image: Image, frame: SliceFrame) -> Iterator[tuple[tuple, str]]:
         coords = _to_image_data(self.layer, image, self.layer.data)
         signs = [str(s) for s in self.layer.features["sign"]] if len(coords) else []
         for p, s in zip(coords, signs):
@@ -136,7 +143,7 @@ class PointPrompts(PromptLayer):
             if where is not None:
                 yield where, s
 
-    def collect(self, prompts: Prompts, image, frame: SliceFrame, index: int) -> None:
+    def collect(self, prompts: Prompts, image: Image, frame: SliceFrame, index: int) -> None:
         pts, labels = [], []
         for (i, row, col), sign in self._located(image, frame):
             if i == index:
@@ -146,7 +153,7 @@ class PointPrompts(PromptLayer):
             prompts.points = np.concatenate([prompts.points, np.asarray(pts, float)])
             prompts.labels = np.concatenate([prompts.labels, np.asarray(labels, int)])
 
-    def on_slice(self, image, frame: SliceFrame) -> set[int]:
+    def on_slice(self, image: Image, frame: SliceFrame) -> set[int]:
         return {i for (i, _, _), _ in self._located(image, frame)}
 
 
@@ -162,7 +169,8 @@ class BoxPrompts(PromptLayer):
     NO_TEXT: ClassVar[dict] = {"phrase": "", "score": np.nan, "caption": ""}
 
     @staticmethod
-    def make_layer(ndim: int, **geometry):
+    def make_layer(ndim: int, **geometry: Any) -> Shapes:
+        """A new, empty Shapes layer for prompts; ``geometry``: the image's scale etc."""
         from napari.layers import Shapes
 
         layer = Shapes(
@@ -191,8 +199,10 @@ class BoxPrompts(PromptLayer):
         phrases: list[str] | tuple[str, ...],
         scores: np.ndarray,
     ) -> None:
-        """Add rectangles on slice ``index`` for ``(N, 4)`` boxes ``x0, y0, x1, y1`` in pixels
-        of the slice (the frame :meth:`collect` reads back), captioned ``phrase score``.
+        """Add rectangles on slice ``index`` for ``(N, 4)`` boxes, captioned ``phrase score``.
+
+        The boxes are ``x0, y0, x1, y1`` in pixels of the slice (the frame :meth:`collect`
+        reads back).
 
         Added in the given order, so the last box is the one the preview shows.
         """
@@ -220,17 +230,18 @@ class BoxPrompts(PromptLayer):
             self.layer.selected_data = set(range(self.layer.nshapes))
             self.layer.remove_selected()
 
-    def _located(self, image, frame: SliceFrame, numbered: bool = False):
+    def _located(self, image: Image, frame: SliceFrame, numbered: bool = False) -> Iterator[tuple]:
         for k, (verts, kind) in enumerate(zip(self.layer.data, self.layer.shape_type)):
             if kind not in ("rectangle", "ellipse", "polygon"):
                 continue
-            where = [frame.locate(p) for p in _to_image_data(self.layer, image, verts)]
-            if any(w is None for w in where) or len({w[0] for w in where}) != 1:
+            located = [frame.locate(p) for p in _to_image_data(self.layer, image, verts)]
+            where = [w for w in located if w is not None]
+            if len(where) != len(located) or len({w[0] for w in where}) != 1:
                 continue
             rc = np.array([(r, c) for _, r, c in where])
             yield (where[0][0], kind, rc, k) if numbered else (where[0][0], kind, rc)
 
-    def collect(self, prompts: Prompts, image, frame: SliceFrame, index: int) -> None:
+    def collect(self, prompts: Prompts, image: Image, frame: SliceFrame, index: int) -> None:
         last = None
         for i, kind, rc in self._located(image, frame):
             if i == index:
@@ -238,9 +249,12 @@ class BoxPrompts(PromptLayer):
         if last is not None:
             self._fill(prompts, frame, *last)
 
-    def each(self, image, frame: SliceFrame, index: int) -> list[tuple[Prompts, float]]:
-        """Every shape on slice ``index`` as its own prompts (box, and mask for a region) with
-        its detector score (NaN for a drawn shape), in the layer's order."""
+    def each(self, image: Image, frame: SliceFrame, index: int) -> list[tuple[Prompts, float]]:
+        """Every shape on slice ``index`` as its own prompts, with its detector score.
+
+        Each gives a box, and a mask for a region; the score is NaN for a drawn shape. In the
+        layer's order.
+        """
         scores = self._scores()
         found = []
         for i, kind, rc, k in self._located(image, frame, numbered=True):
@@ -274,5 +288,5 @@ class BoxPrompts(PromptLayer):
         mask[rr, cc] = True
         prompts.mask = mask if mask.any() else None
 
-    def on_slice(self, image, frame: SliceFrame) -> set[int]:
+    def on_slice(self, image: Image, frame: SliceFrame) -> set[int]:
         return {i for i, _, _ in self._located(image, frame)}

@@ -189,9 +189,7 @@ class RemoteEncoder:
 
     # -- encode_fn ------------------------------------------------------------------------------
 
-    def __call__(
-        self, model: Sam, image: np.ndarray
-    ) -> tuple[torch.Tensor, tuple[int, int]]:
+    def __call__(self, model: Sam, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encode one ``H x W x 3`` uint8 slice image for ``model``.
 
         Returns

@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,9 +39,6 @@ from napari_sam.volume.embeddings import Cancel, EncodeFn, weights_fingerprint
 from napari_sam.volume.labels_writer import ArrayWriter, LabelsWriter
 from napari_sam.volume.parts import SessionParts, is_sam2, parts_for
 from napari_sam.volume.propagation import Step, merge_masks
-
-if TYPE_CHECKING:
-    from napari_sam.intensity import Window
 
 __all__ = ["PropagationSummary", "SliceResult", "VolumeSession", "resolve_window"]
 
@@ -260,8 +257,9 @@ class VolumeSession:
         timeout: float = 60.0,
         on_status: Callable[[str], Any] | None = None,
     ) -> None:
-        """Encode slices locally (``"local"`` or None) or on a dask cluster (its scheduler
-        address); prompting stays local either way.
+        """Encode slices locally (``"local"`` or None) or on a dask cluster.
+
+        A cluster is given by its scheduler address; prompting stays local either way.
 
         Parameters
         ----------
@@ -313,8 +311,10 @@ class VolumeSession:
 
     @property
     def encoder(self) -> Any:
-        """The remote encoder made by :meth:`set_encoding` (``status``, ``reconnect()``,
-        ``remote_slices``), or None when encoding locally."""
+        """The remote encoder made by :meth:`set_encoding`, or None when encoding locally.
+
+        It has ``status``, ``reconnect()`` and ``remote_slices``.
+        """
         return self._encoder
 
     def set_volume(
