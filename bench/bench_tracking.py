@@ -362,7 +362,7 @@ def main() -> None:
                     summary[f"alone_{impl}"] = r
                     print(
                         f"  {impl:4s} alone, {memory_slices} slices: peak RSS "
-                        f"{r['rss_peak_mib']:.0f} MiB (after building the model "
+                        f"{r['rss_peak_mib']:.0f} MiB (before tracking "
                         f"{r['rss_before_mib']:.0f}), {r['per_slice_s']:.3f} s/slice, "
                         f"load {_fmt_load(r['load'])}",
                         flush=True,
