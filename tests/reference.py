@@ -8,8 +8,10 @@ behaviour: PIL bilinear resizing of PIL images and greedy (batched) NMS.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -152,19 +154,41 @@ def _ensure_timm() -> None:
 _ensure_torchvision()
 _ensure_timm()
 
+import mobile_sam  # noqa: E402
 import segment_anything  # noqa: E402
 import segment_anything.automatic_mask_generator  # noqa: E402
 
-__all__ = ["segment_anything"]
+STANDINS: dict[str, types.ModuleType] = {}
+"""The stand-in modules the references were imported with (empty where the real ones load)."""
 
 
-def __getattr__(name):
-    # mobile_sam is imported on first use: only the vit_t tests need it.
-    if name == "mobile_sam":
-        import mobile_sam
+def _drop_standins() -> None:
+    # The references hold the stand-ins they imported; leaving them in sys.modules (with no
+    # __spec__) would make importlib.util.find_spec raise for every later availability probe
+    # (transformers asks for torchvision and timm), so they leave once the references are in.
+    for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
+        if getattr(sys.modules[name], "__spec__", None) is None:
+            STANDINS[name] = sys.modules.pop(name)
 
-        return mobile_sam
-    raise AttributeError(name)
+
+@contextlib.contextmanager
+def standins() -> Iterator[None]:
+    """Put the stand-ins back while more reference modules import (e.g. sam2's predictors)."""
+    sys.modules.update(STANDINS)
+    try:
+        yield
+    finally:
+        _drop_standins()
+
+
+def module(name: str) -> types.ModuleType:
+    """A torchvision/timm module as the references see it: the real one or its stand-in."""
+    return STANDINS.get(name) or sys.modules[name]
+
+
+_drop_standins()
+
+__all__ = ["mobile_sam", "segment_anything"]
 
 
 def build_reference_sam(

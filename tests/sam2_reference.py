@@ -1,12 +1,12 @@
-"""Meta's ``sam2==1.1.0`` built without hydra or checkpoints, for parity tests (test-only).
+"""Meta's ``sam2==1.1.0`` predictors for parity tests (test-only).
 
-:func:`build_reference_sam2` composes ``SAM2VideoPredictor`` (a ``SAM2Base``) from its classes
-with the values of ``configs/sam2.1/sam2.1_hiera_t.yaml`` and the overrides that
-``build_sam2_video_predictor`` applies, at any input size, with random weights. The image
-predictor's transforms import torchvision, whose registry wheels cannot load beside a CPU torch;
-when it is missing, stand-ins reproduce the three pieces used, with torchvision's documented
-tensor behaviour: ``ToTensor`` (HWC uint8 -> CHW float in [0, 1]), ``Resize`` (bilinear,
-antialiased, on the float tensor) and ``Normalize``.
+:func:`build_reference_sam2` is ``reference_sam2``'s ``SAM2Base`` (sam2.1 hiera-tiny settings at
+any input size, random weights) turned into a ``SAM2VideoPredictor`` with the options
+``build_sam2_video_predictor`` applies. The image predictor's transforms import torchvision,
+whose registry wheels cannot load beside a CPU torch; when it is missing, stand-ins reproduce
+the three pieces used, with torchvision's documented tensor behaviour: ``ToTensor`` (HWC uint8
+-> CHW float in [0, 1]), ``Resize`` (bilinear, antialiased, on the float tensor) and
+``Normalize``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import reference  # noqa: F401  (installs the torchvision ops stand-ins first)
+import reference  # the torchvision ops stand-ins the predictors import
+from napari_sam.registry import get_spec
+from reference_sam2 import build_reference_sam2 as _build_base
 
 
 class _ToTensor:
@@ -62,119 +64,30 @@ def _ensure_transforms() -> None:
         transforms.Normalize = _Normalize
 
 
-_ensure_transforms()
-
-from sam2.modeling.backbones.hieradet import Hiera  # noqa: E402
-from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder  # noqa: E402
-from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer  # noqa: E402
-from sam2.modeling.memory_encoder import CXBlock, Fuser, MaskDownSampler, MemoryEncoder  # noqa: E402
-from sam2.modeling.position_encoding import PositionEmbeddingSine  # noqa: E402
-from sam2.modeling.sam.transformer import RoPEAttention  # noqa: E402
-from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
-from sam2.sam2_video_predictor import SAM2VideoPredictor  # noqa: E402
+with reference.standins():
+    _ensure_transforms()
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 __all__ = ["SAM2ImagePredictor", "SAM2VideoPredictor", "build_reference_sam2", "image_predictor"]
 
 
-def build_reference_sam2(image_size: int = 256, seed: int = 0, **overrides) -> SAM2VideoPredictor:
+def build_reference_sam2(image_size: int = 256, seed: int = 0) -> SAM2VideoPredictor:
     """sam2.1 hiera-tiny as ``build_sam2_video_predictor`` configures it, random weights, eval.
 
-    ``overrides`` replace ``SAM2VideoPredictor`` arguments (e.g. ``fill_hole_area=0``).
+    The weights are the constructors' (seeded), as the released models' initialisation draws
+    them; ``fill_hole_area`` is 0, which is what the video predictor does on a CPU without its
+    CUDA extension.
     """
     torch.manual_seed(seed)
-    grid = image_size // 16
-    encoder = ImageEncoder(
-        trunk=Hiera(
-            embed_dim=96,
-            num_heads=1,
-            stages=[1, 2, 7, 2],
-            global_att_blocks=[5, 7, 9],
-            window_pos_embed_bkg_spatial_size=[7, 7],
-        ),
-        neck=FpnNeck(
-            position_encoding=PositionEmbeddingSine(
-                num_pos_feats=256, normalize=True, scale=None, temperature=10000
-            ),
-            d_model=256,
-            backbone_channel_list=[768, 384, 192, 96],
-            fpn_top_down_levels=[2, 3],
-            fpn_interp_model="nearest",
-        ),
-        scalp=1,
-    )
-    rope = dict(rope_theta=10000.0, feat_sizes=[grid, grid], embedding_dim=256, num_heads=1)
-    attention = MemoryAttention(
-        d_model=256,
-        pos_enc_at_input=True,
-        layer=MemoryAttentionLayer(
-            activation="relu",
-            dim_feedforward=2048,
-            dropout=0.1,
-            pos_enc_at_attn=False,
-            self_attention=RoPEAttention(**rope, downsample_rate=1, dropout=0.1),
-            d_model=256,
-            pos_enc_at_cross_attn_keys=True,
-            pos_enc_at_cross_attn_queries=False,
-            cross_attention=RoPEAttention(
-                **rope, rope_k_repeat=True, downsample_rate=1, dropout=0.1, kv_in_dim=64
-            ),
-        ),
-        num_layers=4,
-    )
-    memory_encoder = MemoryEncoder(
-        out_dim=64,
-        position_encoding=PositionEmbeddingSine(
-            num_pos_feats=64, normalize=True, scale=None, temperature=10000
-        ),
-        mask_downsampler=MaskDownSampler(kernel_size=3, stride=2, padding=1),
-        fuser=Fuser(
-            layer=CXBlock(
-                dim=256, kernel_size=7, padding=3, layer_scale_init_value=1e-6, use_dwconv=True
-            ),
-            num_layers=2,
-        ),
-    )
-    options = dict(
-        num_maskmem=7,
-        image_size=image_size,
-        sigmoid_scale_for_mem_enc=20.0,
-        sigmoid_bias_for_mem_enc=-10.0,
-        use_mask_input_as_output_without_sam=True,
-        directly_add_no_mem_embed=True,
-        no_obj_embed_spatial=True,
-        use_high_res_features_in_sam=True,
-        multimask_output_in_sam=True,
-        iou_prediction_use_sigmoid=True,
-        use_obj_ptrs_in_encoder=True,
-        add_tpos_enc_to_obj_ptrs=True,
-        proj_tpos_enc_in_obj_ptrs=True,
-        use_signed_tpos_enc_to_obj_ptrs=True,
-        only_obj_ptrs_in_the_past_for_eval=True,
-        pred_obj_scores=True,
-        pred_obj_scores_mlp=True,
-        fixed_no_obj_ptr=True,
-        multimask_output_for_tracking=True,
-        use_multimask_token_for_obj_ptr=True,
-        multimask_min_pt_num=0,
-        multimask_max_pt_num=1,
-        use_mlp_for_obj_ptr_proj=True,
-        compile_image_encoder=False,
-        # build_sam2_video_predictor's post-processing overrides
-        sam_mask_decoder_extra_args=dict(
-            dynamic_multimask_via_stability=True,
-            dynamic_multimask_stability_delta=0.05,
-            dynamic_multimask_stability_thresh=0.98,
-        ),
-        binarize_mask_from_pts_for_mem_enc=True,
-        fill_hole_area=0,
-    )
-    options.update(overrides)
-    model = SAM2VideoPredictor(
-        image_encoder=encoder,
-        memory_attention=attention,
-        memory_encoder=memory_encoder,
-        **options,
-    )
+    hiera = dict(get_spec("sam2.1_hiera_tiny").encoder_kwargs)
+    model = _build_base(image_size, hiera, binarize_mask_from_pts_for_mem_enc=True)
+    # SAM2VideoPredictor is SAM2Base plus four options; give the built model its methods.
+    model.__class__ = SAM2VideoPredictor
+    model.fill_hole_area = 0
+    model.non_overlap_masks = False
+    model.clear_non_cond_mem_around_input = False
+    model.add_all_frames_to_correct_as_cond = False
     return model.eval()
 
 

@@ -39,7 +39,7 @@ from napari_sam.training.synthetic import synthetic_scene
 
 ref_sa = reference.segment_anything
 ref_amg = sys.modules["segment_anything.utils.amg"]
-ref_boxes = sys.modules["torchvision.ops.boxes"]
+ref_boxes = reference.module("torchvision.ops.boxes")
 
 SIZE = 256  # encoder input of the small model
 SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)}

@@ -10,33 +10,27 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
+from conftest import build_seeded, small_vit_spec
 from napari_sam.amg_utils import coco_decode_rle, rle_to_mask
 from napari_sam.automatic import SamAutomaticMaskGenerator
 from napari_sam.cli import build_parser, main
 from napari_sam.commands.amg import (
     AMG_SETTINGS,
     METADATA_HEADER,
-    _parse_window,
     amg_kwargs,
     read_image,
 )
-from napari_sam.intensity import to_rgb_uint8
-from napari_sam.models.build import build_sam
-from napari_sam.registry import ModelSpec
+from napari_sam.intensity import parse_window, to_rgb_uint8
 from napari_sam.weights import save_checkpoint
 
-SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)}
 LOOSE = ["--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--points-per-side", "3"]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    spec = ModelSpec(name="cli_small", encoder="vit", encoder_kwargs=SMALL_VIT, image_size=256)
-    return build_sam(spec).eval()
+    return build_seeded(small_vit_spec("cli_small")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +127,7 @@ def test_window_option(tmp_path):
     _, default, _ = read_image(tmp_path / "x.npy")
     np.testing.assert_array_equal(default(img), to_rgb_uint8(img))
 
-    _, windowed, _ = read_image(tmp_path / "x.npy", window=_parse_window("0,50"))
+    _, windowed, _ = read_image(tmp_path / "x.npy", window=parse_window("0,50"))
     assert windowed(img)[9, 9, 0] == 255 and windowed(img)[0, 2, 0] == 10
 
 

@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
+from conftest import small_vit_spec
 from napari_sam import weights
 from napari_sam.cli import main
 from napari_sam.registry import MODELS
-from test_weights import SMALL_VIT, file_spec, serve
+from test_weights import file_spec, serve
 
 OFFICIAL = ("vit_h", "vit_l", "vit_b", "vit_t", "medsam_vit_b")
 
@@ -114,7 +115,7 @@ def test_inspect_reports_model_type(tmp_path, capsys):
     from napari_sam.models.build import build_sam
 
     plain = tmp_path / "plain.pth"
-    torch.save(build_sam(SMALL_VIT).state_dict(), plain)
+    torch.save(build_sam(small_vit_spec()).state_dict(), plain)
     assert main(["models", "inspect", str(plain)]) == 0
     out = capsys.readouterr().out
     assert "custom_vit_e64_d2_h2_s256 (from the tensor shapes)" in out

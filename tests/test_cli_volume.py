@@ -59,6 +59,18 @@ def test_segment_box_propagates(scan, tmp_path, capsys):
     assert [i for i in range(only.shape[0]) if only[i].any()] == [z]
 
 
+def test_segment_accepts_model_type(scan, tmp_path):
+    # segment_anything's scripts spell the model option --model-type; every command takes it.
+    path, truth = scan
+    z, box = largest_slice_box(truth, 1)
+    out = tmp_path / "one_slice.nii.gz"
+    argv = ["segment", str(path), "--slice", str(z), "--box", *map(str, box), "--no-propagate"]
+    assert main([*argv, "--model-type", MODEL, "--no-cache", "-o", str(out), "--quiet"]) == 0
+    labels = read_nifti(out).data
+    assert [i for i in range(labels.shape[0]) if labels[i].any()] == [z]
+    assert dice(labels[z] == 1, truth[z] == 1) >= 0.9
+
+
 def test_segment_runs_the_fast_path_by_default_and_exact_on_request(scan, tmp_path, monkeypatch):
     import napari_sam.speed as speed
 

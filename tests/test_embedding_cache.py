@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_vit_spec
 from napari_sam.intensity import Window
-from napari_sam.registry import ModelSpec
 from napari_sam.volume.embeddings import (
     EmbeddingCache,
     default_cache_dir,
@@ -19,13 +19,7 @@ from napari_sam.volume.embeddings import (
     weights_fingerprint,
 )
 
-SPEC = ModelSpec(
-    name="test_cache_vit",
-    encoder="vit",
-    encoder_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2, "global_attn_indexes": ()},
-    image_size=64,
-    test_fixture=True,
-)
+SPEC = tiny_vit_spec("test_cache_vit", test_fixture=True)
 E = SPEC.embedding_size  # 4
 
 

@@ -211,3 +211,37 @@ def test_auto_tells_ct_from_mr_with_stray_negative_values():
     assert looks_like_ct(ct)
     assert not looks_like_ct(np.clip(ct, -100, None))  # no air at all
     assert not looks_like_ct(ct.astype(np.uint16))
+
+
+def test_parse_window_reads_bounds_and_checks_names():
+    assert intensity.parse_window("-160,240") == Window(-160.0, 240.0)
+    assert intensity.parse_window(" 0.5 , 2e3") == Window(0.5, 2000.0)
+    for name in ("auto", "soft_tissue", "Soft tissue", "lung", "percentile", "minmax"):
+        assert intensity.parse_window(name) == name
+    for text, message in [
+        ("5,1", "HIGH must be greater than LOW in '5,1'"),
+        ("3,3", "HIGH must be greater than LOW"),
+        ("1,2,3", "expected LOW,HIGH"),
+        ("a,1", "expected LOW,HIGH"),
+        ("nan,1", "HIGH must be greater"),
+        ("-inf,1", "must be finite"),
+        ("gamma", "unknown window mode 'gamma'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            intensity.parse_window(text)
+
+
+def test_resolve_window_is_every_spelling_of_a_window():
+    mr = np.arange(1, 1001, dtype=np.uint16).reshape(10, 100)
+    given = Window(2, 9)
+    assert intensity.resolve_window(mr, given) is given
+    assert intensity.resolve_window(mr, None) is None
+    assert intensity.resolve_window(mr, "2,9") == given
+    assert intensity.resolve_window(mr, (2, 9)) == intensity.resolve_window(mr, [2.0, 9.0]) == given
+    assert intensity.resolve_window(mr, "auto") == make_window(mr, "auto")
+    assert intensity.resolve_window(None, "bone") == ct_window("bone")
+    assert intensity.resolve_window(mr, "contrast_limits", limits=(3, 4)) == Window(3, 4)
+    with pytest.raises(ValueError, match="mode name, a Window or"):
+        intensity.resolve_window(mr, (1, 2, 3))
+    with pytest.raises(ValueError, match="unknown window mode"):
+        intensity.resolve_window(mr, "gamma")

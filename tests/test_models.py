@@ -9,16 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import reference
+from conftest import SMALL_VIT_KWARGS, small_vit_spec
 from napari_sam import build_sam, sam_model_registry
 from napari_sam.models.image_encoder import window_partition, window_unpartition
 from napari_sam.registry import MODELS, ModelSpec
 
-SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)}
-
 
 def _small_spec(**changes) -> ModelSpec:
-    spec = ModelSpec(name="unit_small", encoder="vit", encoder_kwargs=SMALL_VIT, image_size=256)
-    return spec.replace(**changes)
+    return small_vit_spec(**{"name": "unit_small", **changes})
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +99,7 @@ def test_build_errors():
     with pytest.raises(ValueError, match="unknown model"):
         build_sam("vit_z")
     with pytest.raises(ValueError, match="encoder_kwargs"):
-        build_sam(_small_spec(encoder_kwargs={**SMALL_VIT, "no_such_option": 1}))
+        build_sam(_small_spec(encoder_kwargs={**SMALL_VIT_KWARGS, "no_such_option": 1}))
     with pytest.raises(TypeError, match="ModelSpec"):
         build_sam(3)
 

@@ -434,3 +434,22 @@ def test_mni152_white_matter_round_trip(tmp_path):
     assert got.dtype == np.uint8
     assert np.array_equal(got.astype(bool), truth)
     assert truth.sum() > 100_000  # a real brain mask, not an empty one
+
+
+@pytest.mark.parametrize(
+    ("name", "suffix", "stem"),
+    [
+        ("ct.nii.gz", ".nii.gz", "ct"),
+        ("CT.NII.GZ", ".nii.gz", "CT"),
+        ("brain.t1.nii", ".nii", "brain.t1"),
+        ("dir.nii/scan.Nii", ".nii", "scan"),
+        ("archive.gz", None, "archive.gz"),
+        ("ct.nii.gz.bak", None, "ct.nii.gz.bak"),
+        ("notnii", None, "notnii"),
+    ],
+)
+def test_nifti_suffix_helpers(name, suffix, stem):
+    assert nifti.nifti_suffix(name) == suffix
+    assert nifti.nifti_suffix(Path(name)) == suffix
+    assert nifti.is_nifti_path(name) == (suffix is not None)
+    assert nifti.nifti_stem(name) == stem

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import build_seeded, small_vit_spec
 from napari_sam.amg_utils import calculate_stability_score
 from napari_sam.cli import main
 from napari_sam.models.build import build_sam
@@ -26,23 +27,13 @@ from napari_sam.onnx_export import (
     quantize_decoder,
 )
 from napari_sam.predictor import SamPredictor
-from napari_sam.registry import ModelSpec
 from napari_sam.weights import save_checkpoint
 
-SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)}
 LOGIT_TOL = 1e-3
 
 
 def _small_model(preprocessing: str = "sam"):
-    spec = ModelSpec(
-        name="onnx_small",
-        encoder="vit",
-        encoder_kwargs=SMALL_VIT,
-        image_size=256,
-        preprocessing=preprocessing,
-    )
-    torch.manual_seed(0)
-    model = build_sam(spec)
+    model = build_seeded(small_vit_spec("onnx_small", preprocessing=preprocessing))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):

@@ -12,16 +12,10 @@ import pytest
 import torch
 
 import napari_sam
+from conftest import small_vit_spec
 from napari_sam import SamPredictor
-from napari_sam.registry import ModelSpec
 
-SMALL = ModelSpec(
-    name="test_small_vit",
-    encoder="vit",
-    encoder_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)},
-    image_size=256,
-    test_fixture=True,
-)
+SMALL = small_vit_spec("test_small_vit", test_fixture=True)
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:

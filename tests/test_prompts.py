@@ -7,20 +7,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_vit_spec
 from napari_sam.models.build import build_sam
-from napari_sam.prompts import MASK_LOGIT, mask_to_box, mask_to_mask_input, mask_to_points
+from napari_sam.prompts import (
+    MASK_LOGIT,
+    Prompts,
+    mask_to_box,
+    mask_to_mask_input,
+    mask_to_points,
+)
 from napari_sam.registry import ModelSpec
 from napari_sam.transforms import ResizeLongestSide, StretchResize
 
 
 def _spec(size: int, preprocessing: str = "sam") -> ModelSpec:
-    return ModelSpec(
-        name="test_prompts_vit",
-        encoder="vit",
-        encoder_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2, "global_attn_indexes": ()},
-        image_size=size,
-        preprocessing=preprocessing,
-        test_fixture=True,
+    return tiny_vit_spec(
+        "test_prompts_vit", image_size=size, preprocessing=preprocessing, test_fixture=True
     )
 
 
@@ -197,3 +199,50 @@ def test_mask_input_of_small_objects_anywhere(shape, transform):
         assert differ.sum() <= 1
         assert np.all(np.abs(fraction[differ] - 0.5) < 1e-5)
         assert (got > 0).any() == (want > 0).any()
+
+
+# --------------------------------------------------------------------------------------------
+# The Prompts type
+
+
+def test_prompts_from_clicks_and_ambiguity():
+    p = Prompts.from_clicks([[3, 4]], [[7.5, 1]], box=[0, 0, 9, 9])
+    np.testing.assert_array_equal(p.points, [[3.0, 4.0], [7.5, 1.0]])
+    np.testing.assert_array_equal(p.labels, [1, 0])
+    np.testing.assert_array_equal(p.box, [0.0, 0.0, 9.0, 9.0])
+    assert p.mask is None and not p.empty and not p.ambiguous
+    assert Prompts().empty and not Prompts().ambiguous
+    assert Prompts.from_clicks([[3, 4]]).ambiguous
+    assert Prompts.from_clicks(negative=[[3, 4]]).ambiguous  # one click, whatever its sign
+    assert not Prompts.from_clicks([[3, 4]], [[5, 5]]).ambiguous
+    assert not Prompts.from_clicks(box=[1, 1, 5, 5]).ambiguous
+    region = np.zeros((8, 8), bool)
+    region[2:5, 2:5] = True
+    assert not Prompts.from_clicks([[3, 4]], mask=region).ambiguous
+    with pytest.raises(ValueError):
+        Prompts.from_clicks(box=[1, 2, 3])
+
+
+def test_prompts_key_and_extends():
+    one = Prompts.from_clicks([[1.0, 2.0]])
+    two = Prompts.from_clicks([[1.0, 2.0]], [[5.0, 5.0]])
+    moved = Prompts.from_clicks([[1.5, 2.0]], [[5.0, 5.0]])
+    boxed = Prompts(two.points, two.labels, box=np.array([0.0, 0, 9, 9]))
+    assert one.key() == Prompts.from_clicks([[1, 2]]).key() != two.key()
+    assert two.extends(one) and not one.extends(two) and not one.extends(one)
+    assert not moved.extends(one) and not boxed.extends(one)
+
+
+def test_prompts_predict_kwargs():
+    transform = ResizeLongestSide(64)
+    clicks = Prompts.from_clicks([[3, 4]], box=[1, 1, 9, 9]).predict_kwargs(transform, (32, 48))
+    np.testing.assert_array_equal(clicks["point_coords"], [[3.0, 4.0]])
+    np.testing.assert_array_equal(clicks["point_labels"], [1])
+    np.testing.assert_array_equal(clicks["box"], [1.0, 1.0, 9.0, 9.0])
+    assert clicks["mask_input"] is None
+    region = _ellipse((32, 48), (16, 20), (6, 9))
+    drawn = Prompts.from_clicks(mask=region).predict_kwargs(transform, (32, 48))
+    assert drawn["point_coords"] is None and drawn["point_labels"] is None and drawn["box"] is None
+    np.testing.assert_array_equal(
+        drawn["mask_input"], mask_to_mask_input(region, transform, (32, 48))
+    )

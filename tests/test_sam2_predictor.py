@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from napari_sam.models.sam2.build import build_sam2
 from napari_sam.predictor import default_to_uint8
+from napari_sam.registry import get_spec
 from napari_sam.sam2_predictor import Sam2ImagePredictor, fill_small_regions, preprocess
 
 sam2_reference = pytest.importorskip("sam2_reference")
@@ -157,3 +159,19 @@ def test_fill_small_regions():
     # A hole larger than the limit is kept; both steps off returns the input itself.
     assert (fill_small_regions(logits, max_hole_area=3)[0, 0, 4:6, 4:6] == -1.0).all()
     assert fill_small_regions(logits) is logits
+
+
+def test_project_sam2_predicts_like_the_reference(predictors):
+    """The package's own SAM 2.1 with the reference's weights, through Sam2ImagePredictor."""
+    ref, _, image = predictors
+    model = build_sam2(get_spec("sam2.1_hiera_tiny").replace(image_size=IMAGE_SIZE))
+    model.load_state_dict(ref.model.state_dict(), strict=True)
+    ours = Sam2ImagePredictor(model)
+    ours.set_image(image)
+    for name in ("one click, three masks", "box and click"):
+        kwargs = PROMPTS[name]
+        got = ours.predict(**kwargs, return_logits=True)
+        want = ref.predict(**kwargs, return_logits=True)
+        _agree(got, want)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-3)
+        assert ((got[0] > 0) == (want[0] > 0)).mean() >= 0.999

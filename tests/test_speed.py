@@ -433,7 +433,7 @@ def test_fast_and_exact_embeddings_never_share_a_cache_key(small_vit, tmp_path):
 
 
 def test_with_precision_is_the_one_switch_of_the_widget_and_the_command_line():
-    from napari_sam.commands.amg import PRECISION_CHOICES
+    from napari_sam.commands._options import PRECISION_CHOICES
     from napari_sam.speed import INFERENCE_PRECISIONS, with_precision
     from napari_sam.speed.sam import FastSam
     from testmodel import load_test_model

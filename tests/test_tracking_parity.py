@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from napari_sam.models.sam2.build import build_sam2
+from napari_sam.registry import get_spec
 from napari_sam.sam2_predictor import preprocess
 from napari_sam.volume.sam2_features import FeatureCache
 from napari_sam.volume.tracking import VolumeTracker
@@ -145,3 +147,31 @@ def test_two_objects_and_a_correction_match_reference(setup):
     for index in (8, 9):
         assert np.abs(ref[index][0] - ref_first[index][0]).max() > 1e-4
         np.testing.assert_allclose(tracker.result(index).logits[0], ref[index][0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_project_sam2_tracks_like_the_reference(setup):
+    """The package's own SAM 2.1 (napari_sam.models.sam2) with the reference's weights,
+    tracked by VolumeTracker, against SAM2VideoPredictor: two objects (click, box)."""
+    model, _, frames, images = setup
+    ours = build_sam2(get_spec("sam2.1_hiera_tiny").replace(image_size=SIZE))
+    ours.load_state_dict(model.state_dict(), strict=True)
+    box = np.array([30.0, 20.0, 80.0, 62.0])
+    tracker = VolumeTracker(ours, FeatureCache(ours, _volume(), axis=0))
+    tracker.add_prompt(5, 1, points=CLICK, labels=np.array([1]))
+    tracker.add_prompt(5, 2, box=box)
+    steps = list(tracker.track_iter())
+
+    state = _reference_state(model, frames, images)
+    model.add_new_points_or_box(
+        state, frame_idx=5, obj_id=1, points=CLICK.astype(np.float32), labels=np.array([1])
+    )
+    model.add_new_points_or_box(state, frame_idx=5, obj_id=2, box=box.astype(np.float32))
+    ref = _propagate(model, state)
+    ref.update(_propagate(model, state, reverse=True))
+
+    assert sorted(s.slice for s in steps) == list(range(Z))
+    for step in steps:
+        assert step.obj_ids == (1, 2)
+        _assert_agree(step.logits, ref[step.slice])
+    assert all(0.01 < s.masks.mean() < 0.99 for s in steps)

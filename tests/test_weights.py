@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from conftest import small_vit_spec
 from napari_sam import weights
 from napari_sam.registry import MODELS, ModelSpec
 from napari_sam.weights import (
@@ -389,12 +390,7 @@ def test_broken_files_give_clear_errors(tmp_path):
         weights.read_state_dict(garbage)
 
 
-SMALL_VIT = ModelSpec(
-    name="small_vit",
-    encoder="vit",
-    encoder_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)},
-    image_size=256,
-)
+SMALL_VIT = small_vit_spec()
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -730,8 +726,8 @@ def test_tiny_file_claiming_a_huge_model_is_refused_unbuilt(tmp_path, builds):
     assert builds == []
 
 
-def test_embedded_spec_must_match_the_tensors(tmp_path, build_sam, builds):
-    sd = build_sam(SMALL_VIT).state_dict()
+def test_embedded_spec_must_match_the_tensors(tmp_path, small_sam, builds):
+    sd = small_sam.state_dict()
     path = weights.save_checkpoint(sd, tmp_path / "lying.safetensors", spec=HUGE_VIT)
     with pytest.raises(
         ValueError,
@@ -747,8 +743,8 @@ def test_embedded_spec_must_match_the_tensors(tmp_path, build_sam, builds):
     assert builds == []
 
 
-def test_every_tensor_is_checked_before_the_model_is_built(tmp_path, build_sam, builds):
-    sd = build_sam(SMALL_VIT).state_dict()
+def test_every_tensor_is_checked_before_the_model_is_built(tmp_path, small_sam, builds):
+    sd = dict(small_sam.state_dict())
     sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 7)  # the encoder alone looks right
     path = weights.save_checkpoint(sd, tmp_path / "bad_decoder.safetensors", spec=SMALL_VIT)
     with pytest.raises(
@@ -757,7 +753,7 @@ def test_every_tensor_is_checked_before_the_model_is_built(tmp_path, build_sam, 
         weights.load_model(path, device="cpu")
     assert builds == ["meta"]
     builds.clear()
-    good = weights.save_checkpoint(build_sam(SMALL_VIT), tmp_path / "good.safetensors")
+    good = weights.save_checkpoint(small_sam, tmp_path / "good.safetensors")
     assert weights.load_model(good, device="cpu").spec.name == "small_vit"
     assert builds == ["meta", "cpu"]
 

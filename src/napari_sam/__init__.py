@@ -25,6 +25,7 @@ _LAZY = {
     "ModelSpec": "napari_sam.registry",
     "MODELS": "napari_sam.registry",
     "VolumeSession": "napari_sam.volume.session",
+    "segment_text": "napari_sam.text",
 }
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "build_sam",
     "load_model",
     "sam_model_registry",
+    "segment_text",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_sam.models.sam import Sam
     from napari_sam.predictor import SamPredictor
     from napari_sam.registry import MODELS, ModelSpec
+    from napari_sam.text import segment_text
     from napari_sam.volume.session import VolumeSession
     from napari_sam.weights import build_sam, load_model, sam_model_registry
 

@@ -29,7 +29,9 @@ __all__ = [
     "medsam_ct_window",
     "medsam_mr_window",
     "minmax_window",
+    "parse_window",
     "percentile_window",
+    "resolve_window",
     "to_rgb_uint8",
 ]
 
@@ -313,7 +315,7 @@ def make_window(volume: np.ndarray | None, mode: str = "auto", **kw: float) -> W
     -------
     Window
     """
-    key = mode.strip().lower().replace(" ", "_").replace("-", "_")
+    key = _mode_key(mode)
     if key in CT_PRESETS:
         return ct_window(key)
     if key == "custom":
@@ -327,9 +329,7 @@ def make_window(volume: np.ndarray | None, mode: str = "auto", **kw: float) -> W
     if key == "medsam_ct":
         return medsam_ct_window(volume)
     if key not in WINDOW_MODES:
-        raise ValueError(
-            f"unknown window mode {mode!r}; choose one of {[*WINDOW_MODES, *sorted(CT_PRESETS)]}"
-        )
+        raise _unknown_mode(mode)
     if volume is None:
         raise ValueError(f"window mode {mode!r} needs the volume")
     volume = np.asarray(volume)
@@ -347,6 +347,80 @@ def make_window(volume: np.ndarray | None, mode: str = "auto", **kw: float) -> W
     if looks_like_ct(volume):
         return ct_window("soft_tissue")
     return percentile_window(volume)
+
+
+def _mode_key(mode: str) -> str:
+    return mode.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _unknown_mode(mode: str) -> ValueError:
+    return ValueError(
+        f"unknown window mode {mode!r}; choose one of {[*WINDOW_MODES, *sorted(CT_PRESETS)]} "
+        "or give LOW,HIGH"
+    )
+
+
+def parse_window(text: str) -> str | Window:
+    """Read a window written as text (a command-line ``--window``, a settings field).
+
+    Parameters
+    ----------
+    text : str
+        ``"LOW,HIGH"`` (two numbers, HIGH > LOW), or a mode name of :func:`make_window`
+        (``"auto"``, a :data:`CT_PRESETS` name, ``"percentile"``, ``"minmax"``, ...).
+
+    Returns
+    -------
+    Window or str
+        The window for ``"LOW,HIGH"``; the mode name, checked, for a name (the window itself
+        needs the volume: :func:`resolve_window`).
+
+    Raises
+    ------
+    ValueError
+        Not two numbers, HIGH not above LOW, or an unknown mode name.
+    """
+    if "," in text:
+        try:
+            low, high = (float(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(f"expected LOW,HIGH (two numbers), got {text!r}") from None
+        if not high > low:
+            raise ValueError(f"HIGH must be greater than LOW in {text!r}")
+        return Window(low, high)
+    key = _mode_key(text)
+    if key not in CT_PRESETS and key not in WINDOW_MODES:
+        raise _unknown_mode(text)
+    return text
+
+
+def resolve_window(
+    volume: np.ndarray | None, window: str | Window | Sequence[float] | None, **kw: float
+) -> Window | None:
+    """The one :class:`Window` any way of naming a window stands for.
+
+    Parameters
+    ----------
+    volume : ndarray or None
+        The whole volume, for modes that look at the data.
+    window : str, Window, (low, high) or None
+        Text as :func:`parse_window` reads it (``"LOW,HIGH"`` or a mode name), a Window, or
+        two bounds. None stays None (8-bit RGB needs no window; caches use ``"auto"``).
+    **kw
+        Mode parameters of :func:`make_window` (``limits=`` for ``"contrast_limits"``, ...).
+
+    Returns
+    -------
+    Window or None
+    """
+    if window is None or isinstance(window, Window):
+        return window
+    if isinstance(window, str):
+        parsed = parse_window(window)
+        return parsed if isinstance(parsed, Window) else make_window(volume, parsed, **kw)
+    if isinstance(window, Sequence) and len(window) == 2:
+        return Window(float(window[0]), float(window[1]))
+    raise ValueError(f"window must be a mode name, a Window or (low, high), got {window!r}")
 
 
 def to_rgb_uint8(image: np.ndarray, window: Window | None = None) -> np.ndarray:

@@ -1,21 +1,27 @@
-"""Prompts derived from masks: dense mask prompts, boxes and interior points.
+"""Prompts: the one type for SAM's prompts on a slice, and prompts derived from masks.
 
-A mask from a neighbouring slice (or one painted by the user) is turned into the prompts SAM
-understands. All functions take a 2D mask at the slice's size, ``True`` (or non-zero) inside.
-Coordinates follow ``segment_anything``: ``(x, y)`` = (column, row) in pixels of the slice.
+:class:`Prompts` holds what a user (click, box, drawn region) or a script gives for one object
+on one slice; every interface builds one (the widget's prompt layers, the CLI's options and
+JSON, scripts) and the engine reads it. A mask from a neighbouring slice (or one painted by the
+user) is turned into the prompts SAM understands by :func:`mask_to_mask_input`,
+:func:`mask_to_box` and :func:`mask_to_points`, which take a 2D mask at the slice's size,
+``True`` (or non-zero) inside. Coordinates follow ``segment_anything``: ``(x, y)`` = (column,
+row) in pixels of the slice.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-__all__ = ["MASK_LOGIT", "mask_to_box", "mask_to_mask_input", "mask_to_points"]
+__all__ = ["MASK_LOGIT", "Prompts", "mask_to_box", "mask_to_mask_input", "mask_to_points"]
 
 # Logit of 1 - 1e-3: confident enough to steer the decoder, small enough to stay in the range of
 # the decoder's own low-resolution logits (what a previous ``predict`` call would return).
@@ -26,6 +32,100 @@ class _Transform(Protocol):
     target_length: int
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]: ...
+
+
+@dataclass
+class Prompts:
+    """SAM's prompts for one object on one slice, in that slice's pixel frame.
+
+    Attributes
+    ----------
+    points : ndarray, shape (N, 2)
+        ``(x, y)`` = (column, row) of each click, in pixels.
+    labels : ndarray, shape (N,)
+        1 for a positive (foreground) click, 0 for a negative one.
+    box : ndarray, shape (4,), or None
+        ``x0, y0, x1, y1`` in pixels.
+    mask : ndarray of bool, shape (H, W), or None
+        A drawn region (ellipse, polygon, painted mask), used as a dense prompt.
+    """
+
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    box: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    @classmethod
+    def from_clicks(
+        cls,
+        positive: Sequence[Sequence[float]] = (),
+        negative: Sequence[Sequence[float]] = (),
+        box: Sequence[float] | None = None,
+        mask: np.ndarray | None = None,
+    ) -> Prompts:
+        """Prompts from lists of ``(x, y)`` clicks (positive first, then negative)."""
+        points = np.array([*positive, *negative], dtype=np.float64).reshape(-1, 2)
+        labels = np.array([1] * len(positive) + [0] * len(negative), dtype=int)
+        return cls(
+            points,
+            labels,
+            None if box is None else np.asarray(box, dtype=np.float64).reshape(4),
+            None if mask is None else _as_mask(mask),
+        )
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to segment from."""
+        return len(self.points) == 0 and self.box is None and self.mask is None
+
+    @property
+    def ambiguous(self) -> bool:
+        """Whether the prompts are one click and nothing else: part or whole?
+
+        Then ask SAM for three masks and keep the best (``multimask_output=True``); a box, a
+        region or several clicks say enough for one.
+        """
+        return len(self.points) == 1 and self.box is None and self.mask is None
+
+    def _region_key(self) -> tuple:
+        box = None if self.box is None else tuple(np.round(self.box, 3))
+        mask = None if self.mask is None else hash(np.packbits(self.mask).tobytes())
+        return box, mask
+
+    def key(self) -> tuple:
+        """A hashable signature: equal keys mean equal prompts."""
+        pts = tuple(map(tuple, np.round(self.points, 3)))
+        return (pts, tuple(self.labels.tolist()), *self._region_key())
+
+    def extends(self, other: Prompts) -> bool:
+        """Whether these prompts are ``other`` plus more clicks (nothing moved or removed).
+
+        Then the mask SAM gave for ``other`` is a sound dense prompt for these.
+        """
+        n = len(other.points)
+        if len(self.points) <= n or self._region_key() != other._region_key():
+            return False
+        return Prompts(self.points[:n], self.labels[:n], self.box, self.mask).key() == other.key()
+
+    def predict_kwargs(
+        self, transform: _Transform, original_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        """Keywords of :meth:`SamPredictor.predict <napari_sam.predictor.SamPredictor.predict>`.
+
+        ``point_coords``, ``point_labels``, ``box`` and ``mask_input`` for these prompts; a drawn
+        region becomes the dense prompt (:func:`mask_to_mask_input`) at the predictor's
+        ``transform`` and the slice's ``original_size`` ``(H, W)``.
+        """
+        has_points = len(self.points) > 0
+        mask_input = None
+        if self.mask is not None:
+            mask_input = mask_to_mask_input(self.mask, transform, original_size)
+        return {
+            "point_coords": self.points if has_points else None,
+            "point_labels": self.labels if has_points else None,
+            "box": self.box,
+            "mask_input": mask_input,
+        }
 
 
 def _as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:

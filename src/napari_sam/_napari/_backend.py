@@ -11,6 +11,9 @@ the session's model work from worker threads only.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from napari_sam.volume.parts import SessionParts
+from napari_sam.volume.parts import SessionParts, is_sam2
 
-__all__ = ["Backend", "ModelOption", "WindowOption"]
+__all__ = ["DETECTOR_CHOICES", "Backend", "ModelOption", "WindowOption"]
+
+#: (label, :func:`napari_sam.text.load_detector` source) of the detector chooser; a folder
+#: written by ``save_pretrained`` can be added.
+DETECTOR_CHOICES = (("Grounding DINO tiny", "grounding-dino-tiny"), ("OWLv2", "owlv2"))
 
 # Order of preference for the model preselected when several are cached: accuracy per second
 # on a laptop CPU (vit_h takes a minute per slice there).
@@ -52,7 +59,20 @@ def _megabytes(n: int | None) -> str:
 
 class Backend(SessionParts):
     """Default bindings to the engine modules (imported lazily: napari reads the manifest
-    without importing torch). ``everything_options``: see :class:`SessionParts`."""
+    without importing torch). ``everything_options``: see :class:`SessionParts`.
+
+    Attributes
+    ----------
+    remote_timeout : float
+        Seconds a remote encoder waits for the scheduler and for one slice.
+    """
+
+    remote_timeout = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._detectors: dict[tuple[str, str], Any] = {}
+        self._detector_lock = threading.Lock()
 
     # -- models and weights -------------------------------------------------------------------
 
@@ -172,3 +192,118 @@ class Backend(SessionParts):
         from napari_sam.volume.embeddings import default_cache_dir
 
         return default_cache_dir()
+
+    # -- the session's parts: SAM 2 models get Sam2Parts' (image predictor, features, tracking)
+
+    def make_predictor(self, model: Any) -> Any:
+        """The prompt decoder of ``model`` (SAM 2: its image predictor)."""
+        sam2 = _sam2_parts(model)
+        return super().make_predictor(model) if sam2 is None else sam2.make_predictor(model)
+
+    def make_cache(self, model: Any, *args: Any, **options: Any) -> Any:
+        """The embedding cache of a volume (SAM 2: its feature cache); arguments as in
+        :meth:`SessionParts.make_cache`."""
+        sam2 = _sam2_parts(model)
+        if sam2 is None:
+            return super().make_cache(model, *args, **options)
+        return sam2.make_cache(model, *args, **options)
+
+    def embed(self, cache: Any, predictor: Any, index: int) -> None:
+        """Put slice ``index``'s embedding (SAM 2: features) into the predictor."""
+        sam2 = _sam2_parts(predictor.model)
+        if sam2 is None:
+            super().embed(cache, predictor, index)
+        else:
+            sam2.embed(cache, predictor, index)
+
+    def mask_prompt(self, predictor: Any, mask: np.ndarray) -> np.ndarray:
+        """A drawn mask as the predictor's dense prompt."""
+        sam2 = _sam2_parts(predictor.model)
+        if sam2 is None:
+            return super().mask_prompt(predictor, mask)
+        return sam2.mask_prompt(predictor, mask)
+
+    def propagate(
+        self,
+        cache: Any,
+        predictor: Any,
+        seeds: Any,
+        **options: Any,
+    ) -> Any:
+        """SAM 1: slice-to-slice propagation; SAM 2: tracking with the model's memory."""
+        sam2 = _sam2_parts(predictor.model)
+        if sam2 is None:
+            return super().propagate(cache, predictor, seeds, **options)
+        return sam2.propagate(cache, predictor, seeds, **options)
+
+    def segment_everything(self, cache: Any, model: Any, index: int) -> Any:
+        """SAM's automatic masks (SAM 2 models refuse with a message)."""
+        sam2 = _sam2_parts(model)
+        if sam2 is None:
+            return super().segment_everything(cache, model, index)
+        return sam2.segment_everything(cache, model, index)
+
+    # -- optional extras ---------------------------------------------------------------------
+
+    def text_unavailable(self) -> str | None:
+        """Why text prompts cannot be used here (the install command), or None."""
+        from napari_sam.text.detectors import INSTALL_HINT
+
+        return None if _importable("transformers") else INSTALL_HINT
+
+    def cluster_unavailable(self) -> str | None:
+        """Why remote encoding cannot be used here (the install command), or None."""
+        from napari_sam.cluster import INSTALL_HINT
+
+        return None if _importable("distributed") else INSTALL_HINT
+
+    # -- text detectors ----------------------------------------------------------------------
+
+    def detector_thresholds(self, source: str) -> tuple[float, float]:
+        """``(box_threshold, text_threshold)`` defaults of the detector ``source`` (a short
+        name, or a folder whose ``config.json`` names its model type)."""
+        from napari_sam.text.detectors import DETECTORS, GroundingDinoDetector
+
+        cls = DETECTORS[source][0] if source in DETECTORS else GroundingDinoDetector
+        config = Path(source) / "config.json"
+        if source not in DETECTORS and config.is_file():
+            try:
+                model_type = json.loads(config.read_text()).get("model_type")
+            except (OSError, ValueError):
+                model_type = None
+            by_type = {c.model_type: c for c, _ in DETECTORS.values()}
+            cls = by_type.get(model_type, cls)
+        return cls.default_box_threshold, cls.default_text_threshold
+
+    def detector(self, source: str, device: str):
+        """The text detector ``source`` on ``device``, loaded once and kept (worker threads)."""
+        key = (str(source), str(device))
+        with self._detector_lock:
+            found = self._detectors.get(key)
+            if found is None:
+                from napari_sam.text import load_detector
+
+                found = self._detectors[key] = load_detector(source, device=device)
+            return found
+
+    def has_detector(self, source: str, device: str) -> bool:
+        """Whether :meth:`detector` would answer without loading."""
+        return (str(source), str(device)) in self._detectors
+
+
+def _sam2_parts(model: Any) -> SessionParts | None:
+    """Sam2Parts for a SAM 2 model, None for the others (stateless: made per call)."""
+    if not is_sam2(model):
+        return None
+    from napari_sam.volume.sam2_parts import Sam2Parts
+
+    return Sam2Parts()
+
+
+def _importable(name: str) -> bool:
+    # find_spec does not import the package (transformers takes seconds); a None entry in
+    # sys.modules (a blocked import) counts as missing.
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False

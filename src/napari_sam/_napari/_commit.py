@@ -98,12 +98,14 @@ class CommitAndPropagate:
             return {}
         return self.session.objects
 
-    def _can_start(self) -> bool:
-        """Whether a button's job can start now; if not, say why."""
+    def _can_start(self, model: bool = False) -> bool:
+        """Whether a button's job can start now (with a usable ``model``); if not, say why."""
         if self.jobs.busy:
             self.set_status("Busy: wait for the current job or cancel it.")
         elif self.image_layer is None:
             self.set_status("Open an image first.")
+        elif model and self._model_ready_message():
+            self.set_status(self._model_ready_message(), error=True)
         else:
             return True
         return False
@@ -191,11 +193,7 @@ class CommitAndPropagate:
     def segment_everything(self) -> None:
         """Every object SAM finds on the current slice, committed as new label ids (one undo
         step), in the background with progress and Cancel."""
-        if not self._can_start():
-            return
-        problem = self._model_ready_message()
-        if problem:
-            self.set_status(problem, error=True)
+        if not self._can_start(model=True):
             return
         frame = self.frame()
         self._start(
@@ -207,14 +205,20 @@ class CommitAndPropagate:
             on_done=self._on_segment_done,
         )
 
-    def _commit_everything(self, frame: SliceFrame, index: int, found: np.ndarray) -> None:
-        labels = self._target_labels(frame)
-        if labels is None:
-            return
+    def _add_objects(self, frame: SliceFrame, index: int, found: np.ndarray) -> list[int] | None:
+        """Write a label image of slice ``index`` as new objects (one undo step); the ids
+        written, or None with the reason shown."""
+        if self._target_labels(frame) is None:
+            return None
         try:
-            added = self.session.add_objects(index, found, mode=self.overlap_combo.currentData())
+            return self.session.add_objects(index, found, mode=self.overlap_combo.currentData())
         except ValueError as exc:
             self.set_status(str(exc), error=True)
+            return None
+
+    def _commit_everything(self, frame: SliceFrame, index: int, found: np.ndarray) -> None:
+        added = self._add_objects(frame, index, found)
+        if added is None:
             return
         ids = f" (labels {added[0]}-{added[-1]})" if added else ""
         self.set_status(

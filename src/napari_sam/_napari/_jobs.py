@@ -29,6 +29,8 @@ __all__ = [
     "Prepared",
     "Result",
     "Setup",
+    "boxes_job",
+    "detect_job",
     "everything_job",
     "prepare",
     "propagate_job",
@@ -61,6 +63,15 @@ class Setup:
     labels_key: Any
     model_key: tuple
     target_key: tuple
+    encoding: str = "local"
+    encoding_source: Any = None
+    encoding_timeout: float = 60.0
+    on_encoding_status: Any = None
+
+    @property
+    def encoding_key(self) -> tuple:
+        """What the session's encoder depends on: the address and the model."""
+        return (self.encoding, self.model_key)
 
 
 @dataclass
@@ -69,6 +80,7 @@ class Prepared:
 
     model_key: tuple | None = None
     target_key: tuple | None = None
+    encoding_key: tuple | None = None
 
 
 @dataclass
@@ -103,6 +115,23 @@ def prepare(
         prepared.model_key = None
         session.set_model(backend.load_model(setup.model_source, setup.device, setup.precision))
         prepared.model_key = setup.model_key
+    if model and prepared.encoding_key != setup.encoding_key:
+        from napari_sam.volume.parts import is_sam2
+
+        prepared.encoding_key = None
+        encoding = setup.encoding
+        if encoding != "local" and is_sam2(session.model):
+            yield "SAM 2 models encode on this machine (remote encoding is for SAM 1 models)."
+            encoding = "local"
+        elif encoding != "local":
+            yield f"Connecting to {encoding} for encoding…"
+        session.set_encoding(
+            encoding,
+            source=setup.encoding_source,
+            timeout=setup.encoding_timeout,
+            on_status=setup.on_encoding_status,
+        )
+        prepared.encoding_key = setup.encoding_key
     if prepared.target_key != setup.target_key:
         yield "Preparing the intensity window…"
         prepared.target_key = None
@@ -193,3 +222,53 @@ def propagate_job(
     n = sum(len(m) for m in seeds.values())
     yield f"Propagating {len(seeds)} object(s) from {n} seed slice(s)…"
     yield from session.propagation_steps(seeds=seeds, slice_range=slice_range)
+
+
+def detect_job(
+    backend: Backend,
+    session: VolumeSession,
+    setup: Setup,
+    prepared: Prepared,
+    index: int,
+    phrases: list[str],
+    detector: str,
+    thresholds: tuple[float, float],
+) -> Generator[str, None, tuple[int, Any]]:
+    """Generator: a text detector's boxes on slice ``index``; returns ``(index, Detections)``.
+
+    The detector sees the 8-bit slice SAM sees (the session's window); it is loaded once per
+    (source, device) and kept on the backend.
+    """
+    yield from prepare(backend, session, setup, prepared)
+    image = session.slice_image(index)
+    if not backend.has_detector(detector, setup.device):
+        yield f"Loading the text detector {detector}…"
+    found = backend.detector(detector, setup.device)
+    yield f"Finding {' '.join(phrases)} on slice {index}…"
+    box_threshold, text_threshold = thresholds
+    detections = found.detect(
+        image, phrases, box_threshold=box_threshold, text_threshold=text_threshold
+    )
+    yield f"Found {len(detections)} box(es)."  # a Cancel pressed meanwhile stops here
+    return index, detections
+
+
+def boxes_job(
+    backend: Backend,
+    session: VolumeSession,
+    setup: Setup,
+    prepared: Prepared,
+    index: int,
+    objects: list[SlicePrompts],
+) -> Generator[str, None, tuple[int, np.ndarray]]:
+    """Generator: SAM's single mask for each box on slice ``index``; returns ``(index, label
+    image)`` with object ``k`` as ``k + 1`` (an earlier object keeps contested pixels)."""
+    yield from prepare(backend, session, setup, prepared)
+    if not session.is_encoded(index):
+        yield f"Encoding slice {index}…"
+    found = np.zeros(session.slice_shape, dtype=np.int32)
+    for k, prompts in enumerate(objects, 1):
+        yield f"Segmenting box {k} of {len(objects)} on slice {index}…"
+        result = session.preview(index, box=prompts.box, mask=prompts.mask, multimask=False)
+        found[(found == 0) & result.masks[0]] = k
+    return index, found

@@ -10,10 +10,12 @@ from __future__ import annotations
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QFrame,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -45,6 +47,25 @@ def _combo(*items: tuple[str, str], tooltip: str = "") -> QComboBox:
 
 def _spin(tooltip: str) -> QSpinBox:
     spin = QSpinBox()
+    spin.setToolTip(tooltip)
+    spin.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+    spin.setMinimumWidth(0)
+    return spin
+
+
+def _line_edit() -> QLineEdit:
+    edit = QLineEdit()
+    # As narrow as the dock likes (QLineEdit asks for ~17 characters otherwise).
+    edit.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+    edit.setMinimumWidth(0)
+    return edit
+
+
+def _threshold(tooltip: str) -> QDoubleSpinBox:
+    spin = QDoubleSpinBox()
+    spin.setRange(0.0, 1.0)
+    spin.setSingleStep(0.05)
+    spin.setDecimals(2)
     spin.setToolTip(tooltip)
     spin.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
     spin.setMinimumWidth(0)
@@ -94,7 +115,8 @@ class Section(QWidget):
 
 
 class SamPanel(QWidget):
-    """Four sections: model, prompts, labels, volume; then a status line, in a scroll area."""
+    """Five sections: model, prompts, text prompt, labels, volume; then a status line, in a
+    scroll area."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -118,15 +140,47 @@ class SamPanel(QWidget):
         self.speed_combo.setMinimumContentsLength(4)
         self.window_combo = _combo(tooltip="Intensity window: how voxel values become gray levels")
         self.axis_combo = _combo(tooltip="The axis SAM slices along")
+        self.encoding_edit = _line_edit()
+        self.encoding_edit.setPlaceholderText("local, or tcp://host:8786")
+        self.encoding_edit.setToolTip(
+            "Where slices are encoded: empty or 'local' on this machine, or the address of a "
+            "dask scheduler whose workers encode them (prompting stays here). A lost "
+            "connection falls back to local encoding; Retry reconnects."
+        )
+        self.encoding_retry_button = _button("Retry", "Try the dask scheduler again")
+        self.encoding_retry_button.setVisible(False)
 
         self.sign_button = _button("positive (T)", "New points are positive; T toggles")
         self.next_mask_button = _button("Next (N)", "Show SAM's next mask for a single click")
         self.clear_button = _button("Clear (⇧C)", "Remove every prompt (Shift+C)")
+        self.all_boxes_button = _button(
+            "Segment all boxes",
+            "Each box on this slice becomes its own object (a new label id each), committed "
+            "as one undo step",
+        )
         self.everything_button = _button(
             "Segment everything",
             "SAM's automatic masks on this slice (a grid of point prompts); each object gets "
             "a new label id",
         )
+
+        self.text_edit = _line_edit()
+        self.text_edit.setPlaceholderText("liver. kidney.")
+        self.text_edit.setToolTip(
+            "Text prompt: phrases separated by '.'. A detector finds boxes for them on this "
+            "slice; they appear in SAM boxes, editable. Detectors trained on natural images "
+            "are weak on CT and MRI: check every box."
+        )
+        self.find_boxes_button = _button("Find boxes", "Run the text detector on this slice")
+        self.detector_combo = _combo(tooltip="The open-vocabulary box detector")
+        self.detector_folder_button = QPushButton("Folder…")
+        self.detector_folder_button.setToolTip("A detector folder written by save_pretrained")
+        self.box_threshold_spin = _threshold("Keep boxes the detector scores above this")
+        self.text_threshold_spin = _threshold("Keep boxes whose phrase scores above this")
+        self.text_hint = QLabel()
+        self.text_hint.setWordWrap(True)
+        self.text_hint.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.text_hint.setVisible(False)
 
         self.labels_combo = _combo(
             tooltip="Target labels layer ('New labels layer': created on the first commit)"
@@ -158,6 +212,7 @@ class SamPanel(QWidget):
         self.sections = {
             "model": self._source(),
             "prompts": self._prompts(),
+            "text": self._text(),
             "labels": self._labels(),
             "volume": self._volume(),
         }
@@ -191,6 +246,8 @@ class SamPanel(QWidget):
         form.addRow("Speed", self.speed_combo)
         form.addRow("Window", self.window_combo)
         form.addRow("Axis", self.axis_combo)
+        form.addRow("Encoding", self.encoding_edit)
+        form.addRow(self.encoding_retry_button)
         return section
 
     def _prompts(self) -> Section:
@@ -202,7 +259,19 @@ class SamPanel(QWidget):
         section.form.addRow(hint)
         section.form.addRow("Points", _row(self.sign_button, self.next_mask_button))
         section.form.addRow(self.clear_button)
+        section.form.addRow(self.all_boxes_button)
         section.form.addRow(self.everything_button)
+        return section
+
+    def _text(self) -> Section:
+        section = Section("Text prompt", expanded=False)
+        form = section.form
+        form.addRow(self.text_hint)
+        form.addRow("Text", self.text_edit)
+        form.addRow("Detector", _row(self.detector_combo, self.detector_folder_button))
+        form.addRow("Box ≥", self.box_threshold_spin)
+        form.addRow("Text ≥", self.text_threshold_spin)
+        form.addRow(self.find_boxes_button)
         return section
 
     def _labels(self) -> Section:

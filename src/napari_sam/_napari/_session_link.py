@@ -70,6 +70,7 @@ class SessionLink:
             labels_key=None if labels is None else self._labels_key(labels, frame),
             model_key=model_key,
             target_key=(id(data), frame.axis, frame.fixed, mode, limits),
+            **self._encoding_setup(source, device),
         )
 
     def _invalidate(self, model: bool = False) -> None:

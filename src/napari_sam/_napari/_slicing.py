@@ -157,6 +157,18 @@ class SliceFrame:
         r, c = self.plane
         return index, float(point[r]), float(point[c])
 
+    def point(self, index: int, row: float, col: float) -> np.ndarray:
+        """The data-coordinate point at ``(row, col)`` of slice ``index`` (inverse of
+        :meth:`locate`)."""
+        point = np.zeros(len(self.shape))
+        for a, i in self.fixed:
+            point[a] = i
+        if self.axis is not None:
+            point[self.axis] = index
+        r, c = self.plane
+        point[r], point[c] = row, col
+        return point
+
     def nd_index(self, index: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, ...]:
         """Index arrays into the layer's array for pixels ``(rows, cols)`` of slice ``index``."""
         rows = np.asarray(rows, dtype=np.intp)

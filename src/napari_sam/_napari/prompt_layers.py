@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from skimage.draw import ellipse as draw_ellipse
@@ -75,6 +76,15 @@ class SlicePrompts:
         return SlicePrompts(self.points[:n], self.labels[:n], self.box, self.mask).key() == (
             other.key()
         )
+
+
+def _from_image_data(layer, image, data: np.ndarray) -> np.ndarray:
+    """Data coordinates of ``image`` -> data coordinates of ``layer`` (inverse of
+    :func:`_to_image_data`)."""
+    out = np.empty((len(data), layer.ndim))
+    for i, p in enumerate(np.asarray(data, dtype=float)):
+        out[i] = layer.world_to_data(image.data_to_world(p))
+    return np.round(out, 6)
 
 
 def _to_image_data(layer, image, data: np.ndarray) -> np.ndarray:
@@ -189,8 +199,13 @@ class PointPrompts(PromptLayer):
 class BoxPrompts(PromptLayer):
     """Rectangles (boxes), ellipses and polygons (box + dense mask) in a Shapes layer.
 
-    SAM takes one box per object, so on a slice with several shapes the newest one counts.
+    SAM takes one box per object, so on a slice with several shapes the newest one counts for
+    the preview; :meth:`each` gives every shape as its own object. Boxes found by a text
+    detector carry their ``phrase`` and ``score`` as features, shown as the shape's text.
     """
+
+    #: feature values of a shape drawn by hand
+    NO_TEXT: ClassVar[dict] = {"phrase": "", "score": np.nan, "caption": ""}
 
     @staticmethod
     def make_layer(ndim: int, **geometry):
@@ -202,33 +217,94 @@ class BoxPrompts(PromptLayer):
             edge_color=BOX_COLOR,
             face_color="transparent",
             edge_width=2,
+            features={
+                "phrase": np.array([], dtype=object),
+                "score": np.array([], dtype=float),
+                "caption": np.array([], dtype=object),
+            },
+            feature_defaults=BoxPrompts.NO_TEXT,
+            text={"string": "{caption}", "color": BOX_COLOR, "anchor": "upper_left", "size": 8},
             **geometry,
         )
         return layer
+
+    def add_boxes(
+        self,
+        image: Any,
+        frame: SliceFrame,
+        index: int,
+        boxes: np.ndarray,
+        phrases: list[str] | tuple[str, ...],
+        scores: np.ndarray,
+    ) -> None:
+        """Add rectangles on slice ``index`` for ``(N, 4)`` boxes ``x0, y0, x1, y1`` in pixels
+        of the slice (the frame :meth:`collect` reads back), captioned ``phrase score``.
+
+        Added in the given order, so the last box is the one the preview shows.
+        """
+        layer = self.layer
+        shapes = []
+        for x0, y0, x1, y1 in np.asarray(boxes, float).reshape(-1, 4):
+            corners = [(y0, x0), (y0, x1), (y1, x1), (y1, x0)]
+            at = np.array([frame.point(index, r, c) for r, c in corners])
+            shapes.append(_from_image_data(layer, image, at))
+        if not shapes:
+            return
+        # One add (napari redraws the layer per call), then the new rows' features.
+        layer.add(shapes, shape_type="rectangle")
+        features = layer.features.copy()
+        new = slice(len(features) - len(shapes), None)
+        features.loc[features.index[new], "phrase"] = list(phrases)
+        features.loc[features.index[new], "score"] = np.asarray(scores, float)
+        features.loc[features.index[new], "caption"] = [
+            f"{p.rstrip('.')} {float(v):.2f}" if p else "" for p, v in zip(phrases, scores)
+        ]
+        layer.features = features
 
     def clear(self) -> None:
         if self.layer.nshapes:
             self.layer.selected_data = set(range(self.layer.nshapes))
             self.layer.remove_selected()
 
-    def _located(self, image, frame: SliceFrame):
-        for verts, kind in zip(self.layer.data, self.layer.shape_type):
+    def _located(self, image, frame: SliceFrame, numbered: bool = False):
+        for k, (verts, kind) in enumerate(zip(self.layer.data, self.layer.shape_type)):
             if kind not in ("rectangle", "ellipse", "polygon"):
                 continue
             where = [frame.locate(p) for p in _to_image_data(self.layer, image, verts)]
             if any(w is None for w in where) or len({w[0] for w in where}) != 1:
                 continue
             rc = np.array([(r, c) for _, r, c in where])
-            yield where[0][0], kind, rc
+            yield (where[0][0], kind, rc, k) if numbered else (where[0][0], kind, rc)
 
     def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
         last = None
         for i, kind, rc in self._located(image, frame):
             if i == index:
                 last = kind, rc
-        if last is None:
-            return
-        kind, rc = last
+        if last is not None:
+            self._fill(prompts, frame, *last)
+
+    def each(self, image, frame: SliceFrame, index: int) -> list[tuple[SlicePrompts, float]]:
+        """Every shape on slice ``index`` as its own prompts (box, and mask for a region) with
+        its detector score (NaN for a drawn shape), in the layer's order."""
+        scores = self._scores()
+        found = []
+        for i, kind, rc, k in self._located(image, frame, numbered=True):
+            if i == index:
+                prompts = SlicePrompts()
+                self._fill(prompts, frame, kind, rc)
+                found.append((prompts, scores[k]))
+        return found
+
+    def _scores(self) -> np.ndarray:
+        features = self.layer.features
+        n = self.layer.nshapes
+        if "score" not in features or len(features) != n:
+            return np.full(n, np.nan)
+        return np.asarray(features["score"], dtype=float)
+
+    @staticmethod
+    def _fill(prompts: SlicePrompts, frame: SliceFrame, kind: str, rc: np.ndarray) -> None:
         h, w = frame.slice_shape
         (r0, c0), (r1, c1) = rc.min(axis=0), rc.max(axis=0)
         prompts.box = np.clip(np.array([c0, r0, c1, r1], float), 0, [w - 1, h - 1, w - 1, h - 1])

@@ -33,11 +33,13 @@ from qtpy.QtWidgets import QComboBox
 
 from napari_sam._napari._backend import Backend
 from napari_sam._napari._commit import CommitAndPropagate
+from napari_sam._napari._encoding import RemoteEncoding
 from napari_sam._napari._framing import Framing, spatial_shape
 from napari_sam._napari._models import ModelChooser
 from napari_sam._napari._panel import SamPanel
 from napari_sam._napari._preview import PromptPreview
 from napari_sam._napari._session_link import SessionLink
+from napari_sam._napari._text import TextPrompts
 from napari_sam._napari._workers import JobRunner, SlotTimer
 from napari_sam._napari.prompt_layers import BoxPrompts, PointPrompts, PromptLayer
 from napari_sam.volume.propagation import Step
@@ -61,7 +63,16 @@ PREVIEW_NAME = "SAM preview"
 PREVIEW_COLOR = "cyan"
 
 
-class SamWidget(ModelChooser, PromptPreview, CommitAndPropagate, Framing, SessionLink, SamPanel):
+class SamWidget(
+    ModelChooser,
+    PromptPreview,
+    CommitAndPropagate,
+    TextPrompts,
+    RemoteEncoding,
+    Framing,
+    SessionLink,
+    SamPanel,
+):
     """Segment Anything for napari images and volumes.
 
     Parameters
@@ -102,6 +113,8 @@ class SamWidget(ModelChooser, PromptPreview, CommitAndPropagate, Framing, Sessio
         for option in self.backend.window_options():
             self.window_combo.addItem(option.label, option.mode)
         self._init_models()
+        self._init_text()
+        self._init_encoding()
         self._connect()
         self._release = self._releaser()
         self.destroyed.connect(self._release)
@@ -130,6 +143,9 @@ class SamWidget(ModelChooser, PromptPreview, CommitAndPropagate, Framing, Sessio
         self.speed_combo.currentIndexChanged.connect(t(self._on_model_changed, "speed"))
         self.window_combo.currentIndexChanged.connect(t(self._on_settings_changed, "window"))
         self.axis_combo.activated.connect(t(self._on_axis_chosen, "axis"))
+        self.detector_combo.currentIndexChanged.connect(t(self._on_detector_changed, "detector"))
+        self.text_edit.returnPressed.connect(t(self.find_boxes, "text"))
+        self.encoding_edit.editingFinished.connect(t(self._on_encoding_changed, "encoding"))
         for button, method in (
             (self.checkpoint_button, self._choose_checkpoint),
             (self.download_button, self.download),
@@ -141,6 +157,10 @@ class SamWidget(ModelChooser, PromptPreview, CommitAndPropagate, Framing, Sessio
             (self.propagate_button, self.propagate),
             (self.cancel_button, self.cancel),
             (self.everything_button, self.segment_everything),
+            (self.all_boxes_button, self.segment_all_boxes),
+            (self.find_boxes_button, self.find_boxes),
+            (self.detector_folder_button, self._choose_detector_folder),
+            (self.encoding_retry_button, self.retry_encoding),
         ):
             slot = t(method, f"button:{method.__name__}")
             button.clicked.connect(lambda _checked=False, slot=slot: slot())
@@ -162,11 +182,13 @@ class SamWidget(ModelChooser, PromptPreview, CommitAndPropagate, Framing, Sessio
         events, unbinds keys. It holds no reference to the widget, so it still works while Qt
         destroys the widget (a closed dock widget is deleted, not just hidden)."""
         viewer, jobs, cancel_download = self.viewer, self.jobs, self._download_cancel
-        connections, prompts = self._connections, self._prompt_objects
+        connections, prompts, session = self._connections, self._prompt_objects, self.session
 
         def release(*_) -> None:
             jobs.cancel()
             cancel_download.set()
+            with contextlib.suppress(Exception):
+                session.set_encoding("local")  # closes a remote encoder's connection
             for emitter, callback in connections:
                 with contextlib.suppress(Exception):
                     emitter.disconnect(callback)
@@ -214,6 +236,9 @@ class SamWidget(ModelChooser, PromptPreview, CommitAndPropagate, Framing, Sessio
         self._release()
 
     def set_status(self, text: str, error: bool = False) -> None:
+        note = getattr(self, "_status_note", "")  # e.g. a remote encoder's fallback
+        if note and note != text:
+            text = f"{text}\n{note}"
         self.status.setText(text)
         self.status.setStyleSheet("color: #ff6666;" if error else "")
         if error:

@@ -202,9 +202,9 @@ class AmgJob:
     @property
     def output(self) -> str:
         """The JSON file (or PNG folder) this job writes."""
-        from napari_sam.commands.amg import _stem
+        from napari_sam.commands.amg import image_stem
 
-        stem = _stem(Path(self.image))
+        stem = image_stem(Path(self.image))
         if self.slice_index is not None:
             stem = f"{stem}_slice{self.slice_index}"
         return str(Path(self.output_dir) / (f"{stem}.json" if self.rle else stem))
@@ -304,10 +304,10 @@ def _sweep_partial_outputs(output: Path) -> None:
 
     One job owns one output name, so a temporary file of that name is a dead attempt's.
     """
-    from napari_sam.commands.amg import _stem
+    from napari_sam.commands.amg import image_stem
     from napari_sam.volume.embeddings import sweep_temporaries
 
-    prefixes = (f".{_stem(output)}.tmp-", f".{output.name}.tmp-")
+    prefixes = (f".{image_stem(output)}.tmp-", f".{output.name}.tmp-")
     for item in output.parent.iterdir():
         if item.name.startswith(prefixes):
             if item.is_dir():
@@ -419,7 +419,10 @@ def run_segment(job: SegmentJob, loader: ModelLoader) -> TaskResult:
                         session.mark_absent(obj.label, prompt.slice)
                         continue
                     mask = session.segment_slice(
-                        prompt.slice, label_id=obj.label, mode=job.mode, **_sam_prompt(prompt)
+                        prompt.slice,
+                        label_id=obj.label,
+                        mode=job.mode,
+                        **_sam_prompt(prompt.prompts),
                     )
                     if not mask.any():
                         raise JobError(f"object {obj.label}: nothing found on slice {prompt.slice}")
@@ -513,13 +516,14 @@ def run_amg(job: AmgJob, loader: ModelLoader) -> TaskResult:
     """Automatic masks of one image, written as the ``amg`` command writes them."""
     from napari_sam.automatic import SamAutomaticMaskGenerator
     from napari_sam.cli import CommandError
-    from napari_sam.commands.amg import _parse_window, _write_outputs, read_image
+    from napari_sam.commands.amg import _write_outputs, read_image
+    from napari_sam.intensity import parse_window
 
     output = Path(job.output)
     if not output.parent.is_dir():
         raise JobError(f"output folder {output.parent} does not exist")
     try:
-        window = _parse_window(job.window)
+        window = None if job.window is None else parse_window(job.window)
         image, to_uint8, name = read_image(Path(job.image), job.slice_index, job.axis, window)
     except (CommandError, ValueError, OSError) as exc:
         raise JobError(str(exc)) from None

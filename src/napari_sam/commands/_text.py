@@ -118,6 +118,7 @@ def detect_objects(
     """Detect on ``args.slice_index``; return each box as a one-box object."""
     from napari_sam.cli import CommandError
     from napari_sam.commands.segment import ObjectPrompts, SlicePrompt
+    from napari_sam.prompts import Prompts
 
     if not 0 <= args.slice_index < session.num_slices:
         raise CommandError(
@@ -133,7 +134,8 @@ def detect_objects(
     objects = []
     for label, box, phrase, score in zip(labels, found.boxes, found.phrases, found.scores):
         print(f"object {label}: {phrase} score {score:.3f} box {_box_text(box)}")
-        objects.append(ObjectPrompts(label, [SlicePrompt(args.slice_index, box=list(box))], phrase))
+        prompt = SlicePrompt(args.slice_index, Prompts.from_clicks(box=box))
+        objects.append(ObjectPrompts(label, [prompt], phrase))
     return objects
 
 
@@ -159,7 +161,8 @@ def is_image_input(path: Path) -> bool:
 def run_image(args: argparse.Namespace, phrases: list[str]) -> int:
     """``--text`` on a 2-D image: detect, SAM per box, write one labels image."""
     from napari_sam.cli import CommandError
-    from napari_sam.commands.amg import _parse_window, load_model_or_fail, read_image
+    from napari_sam.commands._options import load_model_or_fail, window_from_args
+    from napari_sam.commands.amg import read_image
     from napari_sam.predictor import SamPredictor
     from napari_sam.text import segment_text
     from napari_sam.volume.propagation import merge_masks
@@ -174,7 +177,7 @@ def run_image(args: argparse.Namespace, phrases: list[str]) -> int:
     if not args.volume.exists():
         raise CommandError(f"image {args.volume} does not exist")
     # A 2-D image keeps its own min-max scaling unless a window is asked for.
-    window = None if args.window == "auto" else _parse_window(args.window)
+    window = None if args.window == "auto" else window_from_args(args)
     try:
         image, to_uint8, _ = read_image(args.volume, None, 0, window)
     except ValueError as exc:

@@ -26,15 +26,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "add_model_options",
-    "add_parser",
-    "add_precision_option",
-    "load_model_or_fail",
-    "read_image",
-    "run",
-    "write_masks_to_folder",
-]
+from napari_sam.commands._options import (
+    add_axis_option,
+    add_device_option,
+    add_model_options,
+    add_precision_option,
+    add_window_option,
+    load_model_or_fail,
+    window_from_args,
+)
+
+__all__ = ["add_parser", "image_stem", "read_image", "run", "write_masks_to_folder"]
 
 # The AMG settings, as (option, type, help); each maps to the generator's keyword of that name.
 AMG_SETTINGS = [
@@ -55,7 +57,6 @@ METADATA_HEADER = (
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
     "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
 )
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def add_parser(subparsers) -> None:
@@ -71,7 +72,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("input", type=Path, help="an image, a NIfTI volume or a folder of them")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     add_model_options(p)
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    add_device_option(p)
     add_precision_option(p)
     p.add_argument(
         "--convert-to-rle",
@@ -79,14 +80,9 @@ def add_parser(subparsers) -> None:
         help="write one JSON of COCO RLE masks per image instead of a folder of PNGs",
     )
     p.add_argument("--slice", type=int, dest="slice_index", metavar="Z", help="NIfTI: slice index")
-    p.add_argument(
-        "--axis", type=int, default=0, choices=(0, 1, 2), help="NIfTI: slicing axis (default: 0)"
-    )
-    p.add_argument(
-        "--window",
-        help="intensity window: auto, a CT preset (soft_tissue, lung, bone, brain, ...), "
-        "percentile, minmax, or LOW,HIGH (default: auto for NIfTI, min-max for other "
-        "non-8-bit images)",
+    add_axis_option(p, what="NIfTI: slicing axis")
+    add_window_option(
+        p, default=None, default_text="auto for NIfTI, min-max for other non-8-bit images"
     )
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,48 +90,6 @@ def add_parser(subparsers) -> None:
     for option, kind, text in AMG_SETTINGS:
         group.add_argument(option, type=kind, default=None, help=text)
     p.set_defaults(func=run)
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """``--model`` (alias ``--model-type``, as segment_anything's scripts) and ``--checkpoint``."""
-    p.add_argument(
-        "--model",
-        "--model-type",
-        dest="model",
-        default="vit_b",
-        help="registered model name or a checkpoint file (default: vit_b)",
-    )
-    p.add_argument("--checkpoint", type=Path, help="weights file for the named model")
-
-
-# napari_sam.speed.INFERENCE_PRECISIONS, spelled out so that building the parser (and --help)
-# does not import torch; a test keeps the two equal.
-PRECISION_CHOICES = ("auto", "exact", "fp32", "int8", "bf16")
-
-
-def add_precision_option(p: argparse.ArgumentParser) -> None:
-    """``--precision``: the fast path by default, ``exact`` for Meta's numbers."""
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISION_CHOICES,
-        help="auto (default): the fastest path that keeps the exact masks; exact: the model as "
-        "Meta's code runs it; int8: quantised encoder, faster on CPUs, approximate; fp32, bf16",
-    )
-
-
-def load_model_or_fail(args: argparse.Namespace, device: str):
-    """:func:`~napari_sam.weights.load_model` (at ``args.precision`` when the command has
-    that option) with user errors as one-line CommandErrors."""
-    from napari_sam.cli import CommandError
-    from napari_sam.speed import with_precision
-    from napari_sam.weights import WeightsUnavailableError, load_model
-
-    try:
-        model = load_model(args.model, checkpoint=args.checkpoint, device=device)
-        return with_precision(model, getattr(args, "precision", "exact"))
-    except (ValueError, FileNotFoundError, WeightsUnavailableError) as exc:
-        raise CommandError(str(exc)) from None
 
 
 def amg_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -147,16 +101,11 @@ def amg_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 # -- reading ----------------------------------------------------------------------------------
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+def image_stem(path: Path) -> str:
+    """The name outputs of an input are called by: ``ct.nii.gz`` -> ``ct``, ``a.png`` -> ``a``."""
+    from napari_sam.io.nifti import is_nifti_path, nifti_stem
 
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", *NIFTI_SUFFIXES):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return nifti_stem(path) if is_nifti_path(path) else path.stem
 
 
 def _channels_last(image: np.ndarray) -> np.ndarray:
@@ -171,8 +120,8 @@ def read_image(
 ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], str]:
     """Read one input into ``(image, to_uint8, name)``.
 
-    ``window`` is a :class:`~napari_sam.intensity.Window`, a window mode name
-    (:func:`~napari_sam.intensity.make_window`) or None: NIfTI then uses ``"auto"`` over the
+    ``window`` is anything :func:`~napari_sam.intensity.resolve_window` reads (a Window, a mode
+    name, ``"LOW,HIGH"``) or None: NIfTI then uses ``"auto"`` over the
     whole volume, other images their own min and max (8-bit RGB unchanged).
 
     Raises
@@ -180,18 +129,20 @@ def read_image(
     ValueError
         When the file is not a readable image, or a volume is given without a slice.
     """
-    from napari_sam.intensity import Window, make_window, to_rgb_uint8
+    from napari_sam.intensity import Window, resolve_window, to_rgb_uint8
 
     def window_for(data: np.ndarray) -> Window:
-        return window if isinstance(window, Window) else make_window(data, window or "auto")
+        return resolve_window(data, window or "auto")
 
-    if _is_nifti(path):
+    from napari_sam.io.nifti import is_nifti_path
+
+    if is_nifti_path(path):
         from napari_sam.io.nifti import read_nifti
 
         volume = read_nifti(path)
         data = volume.data
         spatial = data.ndim - (1 if volume.rgb else 0)
-        name = _stem(path)
+        name = image_stem(path)
         if spatial == 3:
             if slice_index is None:
                 raise ValueError(f"{path} is a volume: choose a slice with --slice Z")
@@ -238,9 +189,9 @@ def read_image(
             f"{path} has shape {image.shape}: expected a 2-D image with 1, 3 or 4 channels"
         )
     if window is None:
-        return image, to_rgb_uint8, path.stem
+        return image, to_rgb_uint8, image_stem(path)
     win = window_for(image)
-    return image, lambda img: to_rgb_uint8(img, win), path.stem
+    return image, lambda img: to_rgb_uint8(img, win), image_stem(path)
 
 
 def _targets(path: Path) -> list[Path]:
@@ -323,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     targets = _targets(args.input)
     kwargs = amg_kwargs(args)
     output_mode = "coco_rle" if args.convert_to_rle else "binary_mask"
-    window = _parse_window(args.window)
+    window = window_from_args(args)
 
     if args.output.exists() and not args.output.is_dir():
         raise CommandError(f"output {args.output} exists and is not a folder")
@@ -360,16 +311,6 @@ def run(args: argparse.Namespace) -> int:
     if written == 0:
         raise CommandError(f"no image could be read from {args.input}")
     return 0
-
-
-def _parse_window(text: str | None) -> Any:
-    """``LOW,HIGH`` -> a Window; a mode name stays a string (checked when used)."""
-    if text is None or "," not in text:
-        return text
-    from napari_sam.commands.segment import parse_window
-    from napari_sam.intensity import Window
-
-    return Window(*parse_window(text))
 
 
 def _generate(generator, image: np.ndarray, label: str, quiet: bool) -> list[dict[str, Any]]:

@@ -69,22 +69,24 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser, volumes: bool = True) -> None:
-    from napari_sam.commands.amg import add_precision_option
+    from napari_sam.commands._options import (
+        add_axis_option,
+        add_device_option,
+        add_model_options,
+        add_precision_option,
+        add_window_option,
+    )
 
     what = "volumes (.nii/.nii.gz)" if volumes else "images"
     p.add_argument("input", type=Path, help=f"a folder of {what} or a CSV list")
-    p.add_argument(
-        "--model", default="vit_b", help="registered name or checkpoint file (default: vit_b)"
-    )
-    p.add_argument("--checkpoint", type=Path, help="weights file for the named model")
-    p.add_argument("--device", default="auto", help="on each worker: auto, cpu, cuda, ...")
+    add_model_options(p)
+    add_device_option(p)  # on each worker
     add_precision_option(p)
-    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis")
-    p.add_argument(
-        "--window",
-        default="auto" if volumes else None,
-        help="intensity window: a mode (auto, soft_tissue, lung, ...) or LOW,HIGH",
-    )
+    add_axis_option(p)
+    if volumes:
+        add_window_option(p)
+    else:
+        add_window_option(p, default=None, default_text="auto for NIfTI, else min-max")
     if volumes:
         p.add_argument(
             "--cache-dir",
@@ -108,9 +110,11 @@ def _common(p: argparse.ArgumentParser, volumes: bool = True) -> None:
 def _window(text: str | None) -> Any:
     if text is None or "," not in text:
         return text
-    from napari_sam.commands.segment import parse_window
+    from napari_sam.commands._options import window_from_args
 
-    return parse_window(text)
+    # Bounds stay a plain pair: jobs are digested as JSON for their done markers.
+    window = window_from_args(argparse.Namespace(window=text))
+    return window.low, window.high
 
 
 def make_jobs(args: argparse.Namespace) -> list:
@@ -205,9 +209,9 @@ def make_jobs(args: argparse.Namespace) -> list:
 
 
 def _stem(path: Path) -> str:
-    from napari_sam.commands.amg import _stem
+    from napari_sam.commands.amg import image_stem
 
-    return _stem(path)
+    return image_stem(path)
 
 
 def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path:

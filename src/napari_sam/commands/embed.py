@@ -14,12 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from napari_sam.commands.segment import (
-    _add_model_arguments,
-    open_session,
-    parse_slices,
-    read_volume,
-)
+from napari_sam.commands._options import parse_slices
+from napari_sam.commands.segment import add_session_options, open_session, read_volume
 
 
 def add_parser(subparsers) -> None:
@@ -30,7 +26,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("volume", type=Path, help="the volume, .nii or .nii.gz")
     p.add_argument("--slices", metavar="A:B", help="only slices A <= i < B (default: every slice)")
-    _add_model_arguments(p)
+    add_session_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run, no_cache=False)
 

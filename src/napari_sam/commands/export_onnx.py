@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from napari_sam.commands.amg import add_model_options, load_model_or_fail
+from napari_sam.commands._options import add_model_options, load_model_or_fail
 
 __all__ = ["add_parser", "run"]
 

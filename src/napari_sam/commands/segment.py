@@ -41,19 +41,34 @@ from typing import Any
 import numpy as np
 
 from napari_sam.commands import _text
-from napari_sam.commands.amg import add_precision_option
+from napari_sam.commands._options import (
+    add_axis_option,
+    add_device_option,
+    add_embedding_store_options,
+    add_model_options,
+    add_precision_option,
+    add_window_option,
+    parse_slices,
+    window_from_args,
+)
+from napari_sam.prompts import Prompts
 
-__all__ = ["ObjectPrompts", "SlicePrompt", "add_parser", "load_prompts", "parse_window", "run"]
+__all__ = [
+    "ObjectPrompts",
+    "SlicePrompt",
+    "add_parser",
+    "add_session_options",
+    "load_prompts",
+    "run",
+]
 
 
 @dataclass
 class SlicePrompt:
-    """Prompts for one object on one slice."""
+    """One object's prompts on one slice of the volume, or the mark that it is absent there."""
 
     slice: int
-    box: list[float] | None = None
-    points: list[list[float]] = field(default_factory=list)
-    negative: list[list[float]] = field(default_factory=list)
+    prompts: Prompts = field(default_factory=Prompts)
     absent: bool = False
 
 
@@ -95,7 +110,7 @@ def add_parser(subparsers) -> None:
         )
     p.add_argument("--prompts", type=Path, help="JSON file with objects and prompts")
     p.add_argument("--label", type=int, default=1, help="label value of the object (default: 1)")
-    _add_model_arguments(p)
+    add_session_options(p)
     p.add_argument("--no-propagate", action="store_true", help="segment the prompted slices only")
     p.add_argument(
         "--slices",
@@ -126,72 +141,17 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``segment`` and ``embed``."""
-    p.add_argument(
-        "--model",
-        default="vit_b",
-        help="registered model name or a checkpoint file (default: vit_b)",
-    )
-    p.add_argument("--checkpoint", type=Path, help="weights file for the named model")
-    p.add_argument(
-        "--window",
-        default="auto",
-        help="intensity window: auto, a CT preset (soft_tissue, lung, bone, brain, "
-        "mediastinum, liver), percentile, minmax, or LOW,HIGH (default: auto)",
-    )
-    p.add_argument(
-        "--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis (default: 0)"
-    )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="embedding store folder (default: $NAPARI_SAM_EMBEDDINGS or the cache folder)",
-    )
-    p.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+def add_session_options(p: argparse.ArgumentParser) -> None:
+    """Add the options of a :class:`~napari_sam.volume.session.VolumeSession`.
+
+    Model, window, axis, embedding store, device and precision (``segment``, ``embed``).
+    """
+    add_model_options(p)
+    add_window_option(p)
+    add_axis_option(p)
+    add_embedding_store_options(p)
+    add_device_option(p)
     add_precision_option(p)
-
-
-def parse_window(text: str) -> str | tuple[float, float]:
-    """``"LOW,HIGH"`` -> bounds; anything else is a window mode name."""
-    from napari_sam.cli import CommandError
-
-    if "," in text:
-        try:
-            low, high = (float(v) for v in text.split(","))
-        except ValueError:
-            raise CommandError(f"--window {text!r}: expected LOW,HIGH (two numbers)") from None
-        if not high > low:
-            raise CommandError(f"--window {text!r}: HIGH must be greater than LOW")
-        return low, high
-    return text
-
-
-def parse_slices(text: str | None, num_slices: int) -> tuple[int, int] | None:
-    """``"A:B"``, ``"A:"``, ``":B"`` or ``"A"`` -> ``(start, stop)`` checked against the axis."""
-    from napari_sam.cli import CommandError
-
-    if text is None:
-        return None
-    parts = text.split(":")
-    try:
-        if len(parts) == 1:
-            start = int(parts[0])
-            stop = start + 1
-        elif len(parts) == 2:
-            start = int(parts[0]) if parts[0] else 0
-            stop = int(parts[1]) if parts[1] else num_slices
-        else:
-            raise ValueError
-    except ValueError:
-        raise CommandError(f"--slices {text!r}: expected A:B, A:, :B or A (integers)") from None
-    if not 0 <= start < stop <= num_slices:
-        raise CommandError(
-            f"--slices {text!r} selects no valid slice: the axis has {num_slices} slices "
-            f"(0..{num_slices - 1})"
-        )
-    return start, stop
 
 
 def load_prompts(path: Path) -> list[ObjectPrompts]:
@@ -253,20 +213,20 @@ def _parse_slice_prompt(p: Any, where: str, fail) -> SlicePrompt:
     index = p.get("slice")
     if isinstance(index, bool) or not isinstance(index, int):
         raise fail(where, f"'slice' must be an integer, got {index!r}")
-    out = SlicePrompt(index, absent=bool(p.get("absent", False)))
-    if "box" in p:
-        out.box = _numbers(p["box"], 4, f"{where}.box", fail)
+    absent = bool(p.get("absent", False))
+    box = _numbers(p["box"], 4, f"{where}.box", fail) if "box" in p else None
+    clicks = {}
     for key in ("points", "negative"):
         value = p.get(key, [])
         if not isinstance(value, list):
             raise fail(f"{where}.{key}", "expected a list of [x, y]")
-        setattr(out, key, [_numbers(v, 2, f"{where}.{key}", fail) for v in value])
-    has_prompt = out.box is not None or out.points or out.negative
-    if out.absent and has_prompt:
+        clicks[key] = [_numbers(v, 2, f"{where}.{key}", fail) for v in value]
+    prompts = Prompts.from_clicks(clicks["points"], clicks["negative"], box)
+    if absent and not prompts.empty:
         raise fail(where, "'absent' cannot be combined with a box or points")
-    if not out.absent and not has_prompt:
+    if not absent and prompts.empty:
         raise fail(where, "give a 'box', 'points' or 'negative' (or 'absent': true)")
-    return out
+    return SlicePrompt(index, prompts, absent)
 
 
 def _numbers(value: Any, n: int, where: str, fail) -> list[float]:
@@ -285,25 +245,26 @@ def check_prompt(prompt: SlicePrompt, num_slices: int, slice_shape: tuple[int, i
     from napari_sam.cli import CommandError
 
     h, w = slice_shape
+    prompts = prompt.prompts
     if not 0 <= prompt.slice < num_slices:
         raise CommandError(
             f"{what}: slice {prompt.slice} is outside the volume: the axis has {num_slices} "
             f"slices (0..{num_slices - 1})"
         )
-    for x, y in [*prompt.points, *prompt.negative]:
+    for x, y in prompts.points:
         if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
             raise CommandError(
                 f"{what}: point ({x:g}, {y:g}) is outside slice {prompt.slice} "
                 f"(x 0..{w - 1}, y 0..{h - 1})"
             )
-    if prompt.box is not None:
-        x0, y0, x1, y1 = prompt.box
+    if prompts.box is not None:
+        box = prompts.box.tolist()
+        x0, y0, x1, y1 = box
         if not (x0 < x1 and y0 < y1):
-            raise CommandError(f"{what}: box {prompt.box} needs X0 < X1 and Y0 < Y1")
+            raise CommandError(f"{what}: box {box} needs X0 < X1 and Y0 < Y1")
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
             raise CommandError(
-                f"{what}: box {prompt.box} reaches outside slice {prompt.slice} "
-                f"(x 0..{w}, y 0..{h})"
+                f"{what}: box {box} reaches outside slice {prompt.slice} (x 0..{w}, y 0..{h})"
             )
 
 
@@ -324,15 +285,10 @@ def _inline_prompts(args: argparse.Namespace) -> list[ObjectPrompts]:
         raise CommandError("--box/--point need --slice Z (the slice they are on)")
     if not 1 <= args.label <= 65535:
         raise CommandError(f"--label must be 1..65535, got {args.label}")
-    prompt = SlicePrompt(
-        args.slice_index,
-        box=list(args.box) if args.box is not None else None,
-        points=[list(p) for p in args.point or []],
-        negative=[list(p) for p in args.negative or []],
-    )
-    if not prompt.points and prompt.box is None:
+    prompts = Prompts.from_clicks(args.point or [], args.negative or [], args.box)
+    if not (prompts.labels == 1).any() and prompts.box is None:
         raise CommandError("--negative alone cannot select an object: add --point or --box")
-    return [ObjectPrompts(args.label, [prompt])]
+    return [ObjectPrompts(args.label, [SlicePrompt(args.slice_index, prompts)])]
 
 
 def open_session(args: argparse.Namespace, volume: Any):
@@ -347,7 +303,7 @@ def open_session(args: argparse.Namespace, volume: Any):
             volume,
             args.model,
             checkpoint=args.checkpoint,
-            window=parse_window(args.window),
+            window=window_from_args(args),
             axis=args.axis,
             cache_dir=cache_dir,
             device=args.device,
@@ -425,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 say(f"object {obj.label}: segmenting slice {prompt.slice}")
                 mask = session.segment_slice(
-                    prompt.slice, label_id=obj.label, mode=args.mode, **_sam_prompt(prompt)
+                    prompt.slice, label_id=obj.label, mode=args.mode, **_sam_prompt(prompt.prompts)
                 )
                 if not mask.any() and text:
                     print(f"object {obj.label}: SAM found nothing in its box; skipped")
@@ -455,15 +411,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sam_prompt(prompt: SlicePrompt) -> dict[str, Any]:
-    points = [*prompt.points, *prompt.negative]
-    kwargs: dict[str, Any] = {"box": prompt.box}
-    if points:
-        kwargs["points"] = np.array(points)
-        kwargs["point_labels"] = np.array([1] * len(prompt.points) + [0] * len(prompt.negative))
-    # One click is ambiguous (part or whole?): ask for three masks and keep the best. A box or
-    # several points say enough for the single-mask output.
-    kwargs["multimask"] = prompt.box is None and len(points) == 1
+def _sam_prompt(prompts: Prompts) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"box": prompts.box, "multimask": prompts.ambiguous}
+    if len(prompts.points):
+        kwargs["points"] = prompts.points
+        kwargs["point_labels"] = prompts.labels
     return kwargs
 
 

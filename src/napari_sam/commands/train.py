@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from napari_sam.commands._options import (
+    add_axis_option,
+    add_device_option,
+    add_model_options,
+    add_window_option,
+    window_from_args,
+)
+
 DESCRIPTION = """\
 Fine-tune a SAM model on your own (image, mask) pairs. Prompts are simulated as SAM's training
 did: a click inside an object or a noisy box, correction clicks on the error, and - for volumes -
@@ -33,14 +41,13 @@ def add_parser(subparsers) -> None:
         "-o", "--output", type=Path, required=True, help="checkpoint to write (.safetensors/.pth)"
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="registered model name or checkpoint file to start from")
+    add_model_options(which, default=None, checkpoint_parser=p)
     which.add_argument(
         "--config",
         type=Path,
         help="JSON model spec (napari_sam.registry.ModelSpec fields) for a new, randomly "
         "initialised model",
     )
-    p.add_argument("--checkpoint", type=Path, help="weights for --model NAME (instead of cache)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
     p.add_argument("--prompts-per-image", type=int, default=2, help="objects per image (2)")
@@ -59,9 +66,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT's saved state")
     p.add_argument("--half", action="store_true", help="store the final weights as float16")
-    p.add_argument("--axis", type=int, default=0, help="slice axis of NIfTI volumes (0)")
-    p.add_argument("--window", default="auto", help="intensity window of NIfTI volumes (auto)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    add_axis_option(p, what="slicing axis of NIfTI volumes")
+    add_window_option(p)
+    add_device_option(p, default="cpu")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on new HW)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run)
@@ -109,6 +116,7 @@ def run(args) -> int:
         raise CommandError(f"training data folder {args.data} does not exist")
     if args.output.suffix.lower() not in (".safetensors", ".pth", ".pt"):
         raise CommandError(f"output {args.output} must end in .safetensors, .pth or .pt")
+    window_from_args(args)  # a malformed --window fails now, not after reading every volume
     try:
         source = open_source(args.data, axis=args.axis, window=args.window)
         config = TrainConfig(

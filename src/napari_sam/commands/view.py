@@ -34,12 +34,13 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.path} does not exist")
     import napari
 
+    from napari_sam.io.nifti import is_nifti_path
+
     viewer = napari.Viewer(title="napari-sam-volumes")
     if args.sample:
         viewer.open_sample("napari-sam-volumes", args.sample)
     elif args.path is not None:
-        name = args.path.name.lower()
-        plugin = "napari-sam-volumes" if name.endswith((".nii", ".nii.gz")) else None
+        plugin = "napari-sam-volumes" if is_nifti_path(args.path) else None
         viewer.open(args.path, plugin=plugin)
     viewer.window.add_plugin_dock_widget("napari-sam-volumes", "Segment Anything")
     if not args.no_run:

@@ -38,19 +38,23 @@ from nibabel import orientations as ornt_mod
 
 __all__ = [
     "DISPLAY_AXES",
+    "NIFTI_SUFFIXES",
     "NiftiError",
     "NiftiVolume",
     "from_image",
     "image_from_display",
     "is_nifti_path",
     "label_dtype",
+    "nifti_stem",
+    "nifti_suffix",
     "open_nifti",
     "read_nifti",
     "write_labels",
 ]
 
 DISPLAY_AXES: tuple[str, str, str] = ("I", "P", "L")
-_SUFFIXES = (".nii.gz", ".nii")
+#: The file endings of NIfTI files, longest first (matched case-insensitively).
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # NIfTI intent codes 3000-3099 are reserved for CIFTI-2 (connectivity, dense series, ...).
 _CIFTI_INTENTS = range(3000, 3100)
 
@@ -90,17 +94,22 @@ class NiftiVolume:
     name: str = ""
 
 
+def nifti_suffix(path: str | os.PathLike) -> str | None:
+    """``".nii.gz"`` or ``".nii"`` when ``path`` ends so (any case), else None."""
+    name = Path(path).name.lower()
+    return next((suffix for suffix in NIFTI_SUFFIXES if name.endswith(suffix)), None)
+
+
 def is_nifti_path(path: str | os.PathLike) -> bool:
     """True when ``path`` ends in ``.nii`` or ``.nii.gz`` (case-insensitive)."""
-    return str(path).lower().endswith(_SUFFIXES)
+    return nifti_suffix(path) is not None
 
 
-def _stem(path: str | os.PathLike) -> str:
+def nifti_stem(path: str | os.PathLike) -> str:
+    """The file name without its NIfTI suffix (``ct.nii.gz`` -> ``ct``); other names whole."""
     name = Path(path).name
-    for suffix in _SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    suffix = nifti_suffix(name)
+    return name[: -len(suffix)] if suffix else name
 
 
 def open_nifti(path: str | os.PathLike) -> nib.Nifti1Image | nib.Nifti2Image:
@@ -131,7 +140,7 @@ def open_nifti(path: str | os.PathLike) -> nib.Nifti1Image | nib.Nifti2Image:
         )
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise NiftiError(f"{path} is a {type(img).__name__}, not a single-file NIfTI-1/2 image")
-    if path.name.lower().endswith(".nii"):
+    if nifti_suffix(path) == ".nii":
         header = img.header
         expected = int(header["vox_offset"]) + header.get_data_dtype().itemsize * int(
             np.prod(img.shape)
@@ -325,7 +334,7 @@ def from_image(
         "rgb": rgb,
     }
     if name is None:
-        name = _stem(path) if path is not None else "image"
+        name = nifti_stem(path) if path is not None else "image"
     return NiftiVolume(
         data=data,
         scale=tuple(float(s) for s in scale),
@@ -507,9 +516,9 @@ def image_from_display(
 
 
 def _temp_path(path: Path) -> Path:
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
     # The temp name keeps the NIfTI suffix: nibabel decides on gzip from the file name.
-    return path.with_name(f".{_stem(path)}.tmp-{secrets.token_hex(4)}{suffix}")
+    suffix = nifti_suffix(path) or ".nii"
+    return path.with_name(f".{nifti_stem(path)}.tmp-{secrets.token_hex(4)}{suffix}")
 
 
 def write_labels(

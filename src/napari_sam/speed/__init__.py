@@ -241,6 +241,14 @@ def with_precision(model, precision: str = "auto"):
         For an unknown choice, with the valid ones; or as :func:`optimize`.
     """
     check_precision(precision)
+    if getattr(getattr(model, "spec", None), "family", None) == "sam2":
+        # No fast SAM 2 yet: "auto" (the fastest path with the exact masks) is the model itself.
+        if precision not in ("exact", "auto"):
+            raise ValueError(
+                f"precision {precision!r} is for SAM 1 models; SAM 2 models run exact "
+                "(choose 'exact' or 'auto')"
+            )
+        return model
     if precision == "exact":
         from napari_sam.speed.sam import FastSam
 

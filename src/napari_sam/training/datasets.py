@@ -38,7 +38,6 @@ __all__ = ["ImageFolder", "NiftiFolder", "SyntheticSource", "open_source"]
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass
@@ -155,8 +154,8 @@ class NiftiFolder:
     window: str = "auto"
 
     def __post_init__(self) -> None:
-        from napari_sam.intensity import make_window
-        from napari_sam.io.nifti import read_nifti
+        from napari_sam.intensity import resolve_window
+        from napari_sam.io.nifti import NIFTI_SUFFIXES, read_nifti
 
         if self.axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {self.axis}")
@@ -173,7 +172,7 @@ class NiftiFolder:
                     f"labels {label_path} have shape {labels.shape} but the volume {image_path} "
                     f"has {image.data.shape}: they must share the voxel grid"
                 )
-            window = make_window(image.data, self.window)
+            window = resolve_window(image.data, self.window)
             volume = np.moveaxis(window.apply(image.data), self.axis, 0)
             labels = np.moveaxis(np.asarray(labels).astype(np.int32), self.axis, 0)
             index = len(self.volumes)
@@ -202,6 +201,8 @@ def open_source(path: str | Path, *, axis: int = 0, window: str = "auto"):
     """A folder source for ``path``: NIfTI volumes if ``images/`` holds any, else 2D pairs."""
     path = Path(path)
     images = path / "images"
-    if images.is_dir() and any(_stem(p, NIFTI_SUFFIXES) for p in images.iterdir()):
+    from napari_sam.io.nifti import is_nifti_path
+
+    if images.is_dir() and any(is_nifti_path(p) for p in images.iterdir()):
         return NiftiFolder(path, axis=axis, window=window)
     return ImageFolder(path)

@@ -22,7 +22,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SessionParts"]
+__all__ = ["SessionParts", "is_sam2", "parts_for"]
+
+
+def is_sam2(model: Any) -> bool:
+    """Whether ``model`` is a SAM 2 model (a video model: it tracks with memory)."""
+    family = getattr(getattr(model, "spec", None), "family", None)
+    return family == "sam2" or (family is None and hasattr(model, "track_step"))
+
+
+def parts_for(model: Any) -> SessionParts:
+    """The default parts for ``model``: :class:`~napari_sam.volume.sam2_parts.Sam2Parts` for
+    SAM 2 models (tracking), :class:`SessionParts` for the others."""
+    if is_sam2(model):
+        from napari_sam.volume.sam2_parts import Sam2Parts
+
+        return Sam2Parts()
+    return SessionParts()
 
 
 class SessionParts:
@@ -92,9 +108,7 @@ class SessionParts:
         (``(1, L, L)`` logits, e.g. of the previous prediction) is given.
         """
         if mask_input is None and mask is not None:
-            from napari_sam.prompts import mask_to_mask_input
-
-            mask_input = mask_to_mask_input(mask, predictor.transform, predictor.original_size)
+            mask_input = self.mask_prompt(predictor, mask)
         has_points = points is not None and len(points) > 0
         masks, ious, low_res = predictor.predict(
             point_coords=points if has_points else None,
@@ -104,6 +118,12 @@ class SessionParts:
             multimask_output=multimask,
         )
         return np.asarray(masks), np.asarray(ious), np.asarray(low_res)
+
+    def mask_prompt(self, predictor: Any, mask: np.ndarray) -> np.ndarray:
+        """A drawn ``(H, W)`` mask as the predictor's dense prompt (``(1, L, L)`` logits)."""
+        from napari_sam.prompts import mask_to_mask_input
+
+        return mask_to_mask_input(mask, predictor.transform, predictor.original_size)
 
     def propagate(
         self,

@@ -34,9 +34,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from napari_sam.intensity import resolve_window
 from napari_sam.volume.embeddings import Cancel, EncodeFn, weights_fingerprint
 from napari_sam.volume.labels_writer import ArrayWriter, LabelsWriter
-from napari_sam.volume.parts import SessionParts
+from napari_sam.volume.parts import SessionParts, is_sam2, parts_for
 from napari_sam.volume.propagation import Step, merge_masks
 
 __all__ = ["PropagationSummary", "SliceResult", "VolumeSession", "resolve_window"]
@@ -130,6 +131,11 @@ class VolumeSession:
         Geometry for :meth:`save` when ``volume`` is an array (NIfTI inputs bring their own).
     encode_fn : callable, optional
         Replaces the image encoder call (tests, remote encoders); see :class:`EmbeddingCache`.
+    encoding : str
+        ``"local"`` (default) or a dask scheduler address (``"tcp://gpu-box:8786"``): slices
+        are then encoded on the cluster's workers and the embeddings come back into this
+        session's cache (see :meth:`set_encoding`; needs the ``[cluster]`` extra and the model
+        by name or path, which the workers load too).
     parts : SessionParts, optional
         How the model work is done (predictor, cache, decoding, propagation strategy); see
         :mod:`napari_sam.volume.parts`.
@@ -161,9 +167,15 @@ class VolumeSession:
         metadata: dict | None = None,
         encode_fn: EncodeFn | None = None,
         parts: SessionParts | None = None,
+        encoding: str = "local",
     ) -> None:
         self._closed = False
         self.parts = parts if parts is not None else SessionParts()
+        # Parts given by the caller stay; default parts follow the model (SAM 2 tracks).
+        self._parts_given = parts is not None
+        self._tracker: Any = None
+        #: Options of the SAM 2 tracker (``stop_after``, ``non_overlap``, ``fill_hole_area``...).
+        self.tracking_options: dict[str, Any] = {}
         self.before_use: Callable[[VolumeSession, set[str]], None] | None = None
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self._cache_options: dict[str, Any] = dict(max_memory_slices=max_memory_slices)
@@ -186,6 +198,8 @@ class VolumeSession:
         self._labels_key: Any = None
         self._store: dict[tuple, _Objects] = {}
         self._objects = _Objects()
+        self._encoder: Any = None  # the remote encoder this session made (and closes)
+        self._model_source: Any = None  # how workers load the model (set_model by name/path)
         if volume is not None:
             # Bad volumes and windows fail before a model is loaded.
             self.set_volume(
@@ -204,6 +218,10 @@ class VolumeSession:
             check_precision(precision)  # before the (slow) load
         if model is not None:
             self.set_model(model, checkpoint=checkpoint, device=device, precision=precision)
+        if encoding != "local":
+            if encode_fn is not None:
+                raise ValueError("give encode_fn= or encoding=, not both")
+            self.set_encoding(encoding)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -217,15 +235,84 @@ class VolumeSession:
     ) -> None:
         """Use another model (loaded here when given by name or path); embeddings follow."""
         self._check_open()
+        self._model_source = _model_source(model, checkpoint, device, precision)
         model = _load(model, checkpoint, device)
         if precision is not None:
             from napari_sam.speed import with_precision
 
             model = with_precision(model, precision)
         self.model = model
+        if not self._parts_given:
+            self.parts = parts_for(model)
         self.predictor = self.parts.make_predictor(model)
+        self._tracker = None
         self._model_key = None
         self._cache = None
+
+    def set_encoding(
+        self,
+        encoding: str | None,
+        *,
+        source: Any = None,
+        timeout: float = 60.0,
+        on_status: Callable[[str], Any] | None = None,
+    ) -> None:
+        """Encode slices locally (``"local"`` or None) or on a dask cluster (its scheduler
+        address); prompting stays local either way.
+
+        Parameters
+        ----------
+        encoding : str or None
+            ``"local"``/None, or a scheduler address such as ``"tcp://gpu-box:8786"``.
+        source : ModelSource or str, optional
+            How the workers load the same model (a registry name or a weights file they can
+            read); default: the name or path this session's model was loaded from.
+        timeout : float
+            Seconds to wait for the scheduler and for one slice.
+        on_status : callable, optional
+            Called with the encoder's status line (``"remote: ..."``, ``"local: <reason>"``)
+            when it changes, from the thread that encodes.
+
+        Notes
+        -----
+        The session owns the encoder it makes here: a later call, :meth:`close` or leaving the
+        ``with`` block closes it. When the cluster cannot be reached or is lost, slices are
+        encoded locally from then on (:attr:`encoder` ``.status`` says why;
+        ``encoder.reconnect()`` tries again). Embeddings of the two paths share the cache
+        (same model, same key).
+        """
+        self._check_open()
+        if encoding in (None, "", "local"):
+            new = None
+        elif is_sam2(self.model):
+            raise ValueError(
+                "remote encoding computes SAM 1 embeddings; SAM 2 models encode locally"
+            )
+        else:
+            source = source if source is not None else self._model_source
+            if source is None:
+                raise ValueError(
+                    "remote encoding needs the model by registry name or weights file (the "
+                    "workers load it too), not a model object: pass source="
+                )
+            from napari_sam.cluster.remote import remote_encoder
+
+            new = remote_encoder(str(encoding), source, timeout=timeout, on_status=on_status)
+        old, self._encoder = self._encoder, new
+        if old is not None:
+            old.close()
+        if new is not None:
+            self._cache_options["encode_fn"] = new
+        elif old is not None:
+            self._cache_options.pop("encode_fn", None)
+        if new is not None or old is not None:
+            self._cache = None  # the next cache encodes the new way (stored slices are reused)
+
+    @property
+    def encoder(self) -> Any:
+        """The remote encoder made by :meth:`set_encoding` (``status``, ``reconnect()``,
+        ``remote_slices``), or None when encoding locally."""
+        return self._encoder
 
     def set_volume(
         self,
@@ -277,6 +364,7 @@ class VolumeSession:
         self._require_volume()
         self.window = resolve_window(self.volume, window)
         self._cache = None
+        self._tracker = None
 
     def set_labels(
         self,
@@ -314,6 +402,7 @@ class VolumeSession:
         self._switch_objects()
 
     def _switch_objects(self) -> None:
+        self._tracker = None
         if isinstance(self.writer, ArrayWriter):
             self.writer.axis = self.axis
         self._objects = self._store.setdefault((self._labels_key, self.axis), _Objects())
@@ -323,11 +412,14 @@ class VolumeSession:
         if self._closed:
             return
         self._closed = True
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
         if self._cache is not None:
             self._cache.clear_memory()
         if hasattr(self.predictor, "reset_image"):
             self.predictor.reset_image()
-        self._cache = self.predictor = self.model = None
+        self._cache = self.predictor = self.model = self._tracker = None
 
     def __enter__(self) -> VolumeSession:
         return self
@@ -660,6 +752,8 @@ class VolumeSession:
         """Undo the last write (a commit, a propagation, ...) through the writer."""
         self._use("labels")
         self._writer().undo()
+        # The tracker's memory may hold what was just undone: later prompts start afresh.
+        self._tracker = None
 
     def _writer(self) -> LabelsWriter:
         if self.writer is None:
@@ -821,6 +915,97 @@ class VolumeSession:
                 bar.close()
         return summary
 
+    # -- tracking (SAM 2) ---------------------------------------------------------------------
+
+    @property
+    def tracker(self) -> Any:
+        """The :class:`~napari_sam.volume.tracking.VolumeTracker` of the volume, axis, window
+        and SAM 2 model (made on first use; remade when any of them or the labels change, and
+        after :meth:`undo`). ``tracking_options`` are its options."""
+        if self._tracker is None:
+            self._use("labels", "model")
+            from napari_sam.volume.parts import is_sam2
+            from napari_sam.volume.tracking import VolumeTracker
+
+            if not is_sam2(self.model):
+                raise ValueError(
+                    "tracking needs a SAM 2 model (e.g. sam2.1_hiera_tiny or medsam2); with a "
+                    "SAM 1 model use segment_slice and propagate"
+                )
+            self._tracker = VolumeTracker(self.model, self.cache, **self.tracking_options)
+        return self._tracker
+
+    def track_iter(
+        self,
+        slice: int,
+        *,
+        points: Any = None,
+        labels: Any = None,
+        box: Any = None,
+        mask: Any = None,
+        obj_id: int | None = None,
+        mode: Mode = "keep",
+        cancel: Any = None,
+    ) -> Iterator[Any]:
+        """Prompt an object on a slice and track it through the volume (SAM 2 models).
+
+        The slice is segmented from the prompt and written, then the object is tracked up and
+        down, each slice written before it is yielded. A prompt on a slice the object was
+        already tracked to is a correction: only the slices after it (in the direction it was
+        reached) are tracked again. Several objects: call again with another ``obj_id``;
+        every prompted slice of an object stays in its memory.
+
+        Parameters
+        ----------
+        slice : int
+            Slice along the session's axis.
+        points : (N, 2) array-like, optional
+            ``(x, y)`` = (column, row) pixels.
+        labels : (N,) array-like, optional
+            1 foreground, 0 background; default all foreground.
+        box : [x0, y0, x1, y1], optional
+        mask : (H, W) bool array, optional
+            The object drawn on the slice (instead of points and box).
+        obj_id : int, optional
+            The object (label id); default a new one (:meth:`next_label_id`).
+        mode : {"keep", "overwrite"}
+            Overlap rule with other objects.
+        cancel : threading.Event or callable, optional
+            Checked before each slice; a stopped run resumes at the next call.
+
+        Yields
+        ------
+        TrackStep
+            First the prompted slice (``direction`` 0), then one per tracked slice, with
+            progress ``done``/``total``. The whole run is one undo step.
+        """
+        tracker = self.tracker
+        index = self._check_index(slice)
+        label = self._label(obj_id)
+        if points is not None:
+            points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+            if labels is None:
+                labels = np.ones(len(points), dtype=np.int64)
+        with self._writer().undo_step():
+            tracker.add_prompt(index, label, points=points, labels=labels, box=box, mask=mask)
+            first = tracker.result(index)
+            answer = first.masks_by_id()[label]
+            self._write(index, {label: answer}, mode, True)
+            if answer.any():
+                self.annotate(label, index)
+            yield first
+            for step in tracker.track_iter(cancel):
+                masks = {o: m for o, m in step.masks_by_id().items() if o in step.updated}
+                self._write(step.slice, masks, mode, True)
+                yield step
+
+    def track(self, slice: int, **prompt: Any) -> int:
+        """Run :meth:`track_iter` to the end; returns the number of slices written."""
+        count = 0
+        for _ in self.track_iter(slice, **prompt):
+            count += 1
+        return count
+
     def segment_everything_iter(self, index: int) -> Iterator[str]:
         """Generator: every object SAM finds on slice ``index`` (nothing written); yields
         progress lines, returns an ``(H, W)`` int32 label image (write it with
@@ -874,24 +1059,6 @@ def _check_axis(axis: int) -> int:
     return int(axis) % 3
 
 
-def resolve_window(volume: np.ndarray, window: Any):
-    """A :class:`~napari_sam.intensity.Window` from a mode name, ``(low, high)`` or a Window.
-
-    Mode names are those of :func:`napari_sam.intensity.make_window` (``"auto"``, CT presets
-    such as ``"soft_tissue"``, ``"percentile"``, ``"minmax"``...). None stays None (the cache
-    then uses ``"auto"``; uint8 RGB volumes need no window).
-    """
-    from napari_sam.intensity import Window, make_window
-
-    if window is None or isinstance(window, Window):
-        return window
-    if isinstance(window, str):
-        return make_window(volume, window)
-    if isinstance(window, Sequence) and len(window) == 2:
-        return Window(float(window[0]), float(window[1]))
-    raise ValueError(f"window must be a mode name, a Window or (low, high), got {window!r}")
-
-
 def _read_volume(volume: Any) -> tuple[np.ndarray, dict, tuple, str]:
     if isinstance(volume, str | os.PathLike):
         from napari_sam.io.nifti import read_nifti
@@ -932,6 +1099,17 @@ def _load(model: Any, checkpoint: Any, device: str) -> torch.nn.Module:
     from napari_sam.weights import load_model
 
     return load_model(model, checkpoint=checkpoint, device=device)
+
+
+def _model_source(model: Any, checkpoint: Any, device: str, precision: str | None) -> Any:
+    """What cluster workers are given to load the same model (None for a model object)."""
+    if not isinstance(model, str | os.PathLike):
+        return None
+    from napari_sam.cluster.tasks import ModelSource  # dask-free
+
+    return ModelSource(
+        str(model), None if checkpoint is None else str(checkpoint), device, precision
+    )
 
 
 def _progress_bar(enabled: bool, desc: str, **kwargs: Any):

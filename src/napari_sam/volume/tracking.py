@@ -45,7 +45,7 @@ Example
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -205,6 +205,8 @@ class VolumeTracker:
         Remember a prompted slice by its thresholded mask, exactly what the user sees (True,
         SAM 2's video predictor), rather than by its soft probabilities. Whatever the model's
         own ``binarize_mask_from_pts_for_mem_enc`` says.
+    slice_range : (int, int), optional
+        Walk only within slices ``start <= i < stop`` (default: the whole axis).
     """
 
     def __init__(
@@ -219,6 +221,7 @@ class VolumeTracker:
         corrections_as_conditioning: bool = True,
         keep_all_memories: bool = False,
         binarize_prompt_masks: bool = True,
+        slice_range: tuple[int, int] | None = None,
     ) -> None:
         if stop_after is not None and stop_after < 1:
             raise ValueError(f"stop_after must be None or >= 1, got {stop_after}")
@@ -234,6 +237,13 @@ class VolumeTracker:
         self.corrections_as_conditioning = bool(corrections_as_conditioning)
         self.keep_all_memories = bool(keep_all_memories)
         self.binarize_prompt_masks = bool(binarize_prompt_masks)
+        lo, hi = (0, self.num_slices) if slice_range is None else slice_range
+        if not 0 <= lo < hi <= self.num_slices:
+            raise ValueError(
+                f"slice_range must be (start, stop) with 0 <= start < stop <= "
+                f"{self.num_slices}, got {slice_range}"
+            )
+        self.slice_range = (int(lo), int(hi))
         self._objects: dict[int, _Object] = {}
         self._maskmem_pos_enc: list[torch.Tensor] | None = None
 
@@ -329,7 +339,7 @@ class VolumeTracker:
             obj.starts[tracked].add(index)
         return self._full_res(obj.pending[index][1]["pred_masks"])[0, 0].cpu().numpy()
 
-    def track_iter(self, cancel: Cancel = None) -> Iterator[TrackStep]:
+    def track_iter(self, cancel: Cancel = None) -> Generator[TrackStep, None, None]:
         """Track every pending prompt through the volume, one slice per step.
 
         Walks up from the prompts, then down. Stop early by closing the generator or through
@@ -658,7 +668,8 @@ class VolumeTracker:
         first = [q[0] for q in queued.values()]
         k = min(first) if direction == UP else max(first)
         active: dict[int, int] = {}
-        while 0 <= k < self.num_slices:
+        lo, hi = self.slice_range
+        while lo <= k < hi:
             for o, q in queued.items():
                 if q and q[0] == k:
                     q.pop(0)

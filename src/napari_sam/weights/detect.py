@@ -209,7 +209,7 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
     For a ViT whose blocks are all global the window size is not part of the layout; for
     TinyViT the input size and the first (convolutional) stage's unused head count and window
     are not; for SAM 2 (Hiera) the input size, heads and global blocks are not (MedSAM2 and
-    sam2.1_hiera_tiny share a layout).
+    sam2.1_hiera_tiny share a layout). Other families compare encoder arguments and input size.
     """
     if a.encoder != b.encoder:
         return False
@@ -219,15 +219,17 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
             window = kwargs.pop("window_size", VIT_WINDOW)
             if set(range(kwargs.get("depth", 0))) - set(kwargs.get("global_attn_indexes", ())):
                 kwargs["window_size"] = window
-        return ka == kb and a.image_size == b.image_size
     if a.encoder == "hiera":
         from napari_sam.models.sam2.detect import same_layout
 
         return same_layout(a, b)
-    for key in ("num_heads", "window_sizes"):
-        if key in ka and key in kb:
-            ka[key], kb[key] = ka[key][1:], kb[key][1:]
-    return ka == kb
+    if a.encoder == "tiny_vit":
+        for key in ("num_heads", "window_sizes"):
+            if key in ka and key in kb:
+                ka[key], kb[key] = ka[key][1:], kb[key][1:]
+        return ka == kb
+    # ViT and other families: the encoder's arguments and the input size (position grids).
+    return ka == kb and a.image_size == b.image_size
 
 
 def looks_like(state_dict: StateDict) -> str:
