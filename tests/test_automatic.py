@@ -6,7 +6,8 @@ the same scores, points and crop boxes. Random weights alone give near-identical
 grid point (one survives NMS), so most parity tests wrap both models' decoders so that each mask
 also carries a disk around its prompt point (radius by mask token): the real prompt encoder,
 decoder, upscaling, filters, crops and NMS run unchanged on masks that differ per point. Our
-generator decodes through amg_decoder.decode_shared, tested against the model's decoder here.
+generator decodes through the fast decoder's shared-image path, tested against the model's
+decoder here.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from torch import nn
 
 import reference
 from napari_sam import amg_utils as U
-from napari_sam import automatic
-from napari_sam.amg_decoder import decode_shared
+from napari_sam import speed
 from napari_sam.automatic import (
     AmgProgress,
     SamAutomaticMaskGenerator,
@@ -33,8 +33,10 @@ from napari_sam.automatic import (
     segment_everything,
 )
 from napari_sam.models.build import build_sam
+from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.predictor import SamPredictor, default_to_uint8, encode_image
 from napari_sam.registry import ModelSpec
+from napari_sam.speed.decoder import FastMaskDecoder
 from napari_sam.training.synthetic import synthetic_scene
 
 ref_sa = reference.segment_anything
@@ -263,27 +265,28 @@ class _DiskDecoder(nn.Module):
         return _with_disks(logits, self.prompts.last_points), iou
 
 
-# Our generator decodes with amg_decoder.decode_shared: the disks are added to its output.
+# Our generator decodes with the fast twin of the model's decoder: the disks are added to its
+# output. Recorders are found by the decoder's transformer, which the twin shares.
 _RECORDERS: dict[int, _RecordingPromptEncoder] = {}
 
 
 @pytest.fixture(autouse=True)
 def _disks_in_shared_decoder(monkeypatch):
-    real = automatic.decode_shared
+    real = FastMaskDecoder.forward
 
-    def with_disks(mask_decoder, *args, **kwargs):
-        logits, iou = real(mask_decoder, *args, **kwargs)
-        recorder = _RECORDERS.get(id(mask_decoder))
+    def with_disks(decoder, *args, **kwargs):
+        logits, iou = real(decoder, *args, **kwargs)
+        recorder = _RECORDERS.get(id(decoder.transformer))
         if recorder is None:
             return logits, iou
         return _with_disks(logits, recorder.last_points), iou
 
-    monkeypatch.setattr(automatic, "decode_shared", with_disks)
+    monkeypatch.setattr(FastMaskDecoder, "forward", with_disks)
 
 
 def _point_aware_ours(model: nn.Module) -> nn.Module:
     model.prompt_encoder = _RecordingPromptEncoder(model.prompt_encoder)
-    _RECORDERS[id(model.mask_decoder)] = model.prompt_encoder
+    _RECORDERS[id(model.mask_decoder.transformer)] = model.prompt_encoder
     return model
 
 
@@ -554,6 +557,29 @@ def test_explicit_point_grids(disk_pair, image):
 # -- the shared-embedding decoder ---------------------------------------------------------------
 
 
+def test_generator_decodes_with_the_fast_twin_of_the_models_decoder(plain_pair):
+    model = plain_pair[0]
+    decoder = SamAutomaticMaskGenerator(model).decoder
+    assert isinstance(decoder, FastMaskDecoder)
+    assert decoder.transformer is model.mask_decoder.transformer  # shared, not copied
+    fast = speed.optimize(model, "fp32")
+    assert SamAutomaticMaskGenerator(fast).decoder is fast.mask_decoder
+    # A subclass may compute something else (SAM 2's decoder): it runs as it is, never as a twin.
+    other = copy.deepcopy(model)
+    other.mask_decoder.__class__ = type("OtherDecoder", (MaskDecoder,), {})
+    assert SamAutomaticMaskGenerator(other).decoder is other.mask_decoder
+    with pytest.raises(TypeError, match="made from a MaskDecoder, got OtherDecoder"):
+        FastMaskDecoder.from_exact(other.mask_decoder)
+
+
+def _decode_shared(decoder, embedding, pe, sparse, dense, multimask=True):
+    """The fast twin of ``decoder`` on prompts sharing ``embedding`` and the broadcast ``dense``
+    (what the generator runs)."""
+    twin = FastMaskDecoder.from_exact(decoder)
+    assert twin.shares_image(embedding, dense)  # the shared-image path is the one tested
+    return twin(embedding, pe, sparse, dense, multimask)
+
+
 @pytest.mark.parametrize("multimask", [True, False])
 def test_decode_shared_equals_mask_decoder(plain_pair, multimask):
     model = plain_pair[0]
@@ -566,17 +592,18 @@ def test_decode_shared_equals_mask_decoder(plain_pair, multimask):
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         pe = model.prompt_encoder.get_dense_pe()
         expected = model.mask_decoder(embedding, pe, sparse, dense, multimask)
-        got = decode_shared(model.mask_decoder, embedding, pe, sparse, dense[:1], multimask)
+        got = _decode_shared(model.mask_decoder, embedding, pe, sparse, dense[:1], multimask)
         # An upscaling network of another layout takes the module's own path.
         other = copy.deepcopy(model.mask_decoder)
         other.output_upscaling.append(nn.Identity())
-        generic = decode_shared(other, embedding, pe, sparse, dense[:1], multimask)
+        generic = _decode_shared(other, embedding, pe, sparse, dense[:1], multimask)
     for a, b in ((got, expected), (generic, expected)):
         assert a[0].shape == b[0].shape and a[1].shape == b[1].shape
         assert (a[0] - b[0]).abs().max() <= 1e-4
         assert (a[1] - b[1]).abs().max() <= 1e-5
+    twin = FastMaskDecoder.from_exact(model.mask_decoder)
     with pytest.raises(ValueError, match="shared"):
-        decode_shared(model.mask_decoder, embedding.expand(2, -1, -1, -1), pe, sparse, dense[:1])
+        twin(embedding.expand(2, -1, -1, -1), pe, sparse, dense[:1], True)
 
 
 def test_decode_shared_official_decoder_size():
@@ -592,7 +619,7 @@ def test_decode_shared_official_decoder_size():
         )
         pe = model.prompt_encoder.get_dense_pe()
         expected = model.mask_decoder(embedding, pe, sparse, dense, True)
-        got = decode_shared(model.mask_decoder, embedding, pe, sparse, dense[:1], True)
+        got = _decode_shared(model.mask_decoder, embedding, pe, sparse, dense[:1], True)
     assert (got[0] - expected[0]).abs().max() <= 1e-3
     assert (got[1] - expected[1]).abs().max() <= 1e-4
 

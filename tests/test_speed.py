@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import napari_sam
 from napari_sam import SamPredictor, speed
 from napari_sam.registry import ModelSpec, get_spec
+from napari_sam.speed.decoder import FastMaskDecoder
 from napari_sam.speed.sam import FastSam, resampling_taps
 from test_predictor import _image
 
@@ -112,6 +113,36 @@ def test_fast_model_shares_the_exact_weights_under_the_same_names(small_vit, pre
     assert speed.encoder_settings(fast) == f"fast-v{speed.FAST_PATH_VERSION}-{precision}"
     assert speed.encoder_settings(small_vit) == ""
     assert speed.optimize(fast) is fast
+
+
+def test_every_fast_module_is_a_twin_made_from_the_exact_module_in_its_place(small_vit, small_tiny):
+    from napari_sam.models.mask_decoder import MaskDecoder
+    from napari_sam.speed.twin import FastTwin
+
+    for model in (small_vit, small_tiny):
+        fast = speed.optimize(model, "fp32")
+        assert speed.is_fast(fast) and not speed.is_fast(model)
+        exact_modules = dict(model.named_modules())
+        twins = [(n, m) for n, m in fast.named_modules() if speed.is_fast(m)]
+        assert len(twins) > 10
+        for name, twin in twins:
+            exact = exact_modules[name]
+            assert type(twin).accepts(exact) and not twin.training
+            # the exact module's parameters themselves, under the same names
+            mine, theirs = dict(twin.named_parameters()), dict(exact.named_parameters())
+            assert list(mine) == list(theirs)
+            assert all(mine[k] is theirs[k] for k in theirs)
+            assert set(vars(exact)) - set(vars(twin)) == set()  # nothing left out
+        assert fast.image_encoder.img_size == model.image_encoder.img_size
+        assert not speed.is_fast(model.image_encoder) and speed.is_fast(fast.image_encoder)
+    assert not any(speed.is_fast(x) for x in (None, object(), torch.nn.Linear(2, 2)))
+    decoder = small_vit.mask_decoder
+    with pytest.raises(TypeError, match="made from a MaskDecoder, got Linear"):
+        FastMaskDecoder.from_exact(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="precision"):
+        FastMaskDecoder.from_exact(decoder, precision="fp32")  # takes no settings
+    with pytest.raises(TypeError, match="takes no settings"):
+        type("Plain", (FastTwin,), {"exact_type": MaskDecoder}).from_exact(decoder, linear=None)
 
 
 def test_tiny_vit_fast_model_has_the_exact_state_dict(small_tiny):
@@ -244,6 +275,32 @@ def test_decoder_cache_follows_new_weights_and_new_embeddings(small_vit):
     # weights loaded in place into the exact model: the fast twin (and its caches) follow
     model.load_state_dict(_perturb(napari_sam.build_sam(SMALL_VIT), seed=7).state_dict())
     assert np.abs(fast.predict(**point)[2] - exact.predict(**point)[2]).max() < 1e-4
+
+
+def test_shared_image_cache_follows_the_no_mask_embedding(small_vit):
+    """The first layer's image side, kept per embedding, is rebuilt when the dense vector
+    changes in place (and only the no-mask embedding changes here)."""
+    model = napari_sam.build_sam(SMALL_VIT)
+    model.load_state_dict(small_vit.state_dict())
+    fast = speed.optimize(model, "fp32")
+    emb = torch.randn(1, 256, 16, 16, generator=torch.Generator().manual_seed(4))
+    points = (torch.tensor([[[60.0, 80.0]], [[150.0, 90.0]]]), torch.ones(2, 1, dtype=torch.int))
+
+    def both():
+        with torch.no_grad():
+            sparse, dense = model.prompt_encoder(points, None, None)
+            assert fast.mask_decoder.shares_image(emb, dense)
+            pe = model.prompt_encoder.get_dense_pe()
+            return model.mask_decoder(emb, pe, sparse, dense, True), fast.mask_decoder(
+                emb, fast.prompt_encoder.get_dense_pe(), sparse, dense, True
+            )
+
+    for _ in range(2):
+        (want, _), (got, _) = both()
+        assert (got - want).abs().max() < 1e-4
+        with torch.no_grad():
+            model.prompt_encoder.no_mask_embed.weight.mul_(-3.0)
+    assert (want - both()[0][0]).abs().max() > 0.1  # the change mattered
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,9 @@ pytest.importorskip("pytestqt")
 from qtpy.QtCore import QTimer
 
 from napari_sam._napari._backend import Backend, ModelOption, WindowOption
-from napari_sam._napari.prompt_layers import SlicePrompts
 from napari_sam._napari.widget import KEYS, SamWidget
 from napari_sam.intensity import Window
+from napari_sam.prompts import Prompts
 from napari_sam.volume.propagation import Step
 
 pytestmark = pytest.mark.gui
@@ -105,7 +105,7 @@ class FakeBackend(Backend):
 
     def predict(self, predictor, *, points, point_labels, box, mask, mask_input, multimask):
         shape = predictor.shape
-        prompts = SlicePrompts(
+        prompts = Prompts(
             np.zeros((0, 2)) if points is None else points,
             np.zeros(0, int) if point_labels is None else point_labels,
             box,

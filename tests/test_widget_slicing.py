@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_sam._napari._slicing import SliceFrame
-from napari_sam._napari.prompt_layers import SlicePrompts
+from napari_sam.prompts import Prompts
 from napari_sam.volume.session import VolumeSession
 
 
@@ -57,14 +57,14 @@ def test_bad_frames_are_refused_with_a_reason():
 
 
 def test_prompts_extend_only_by_added_clicks():
-    one = SlicePrompts(np.array([[1.0, 2.0]]), np.array([1]))
-    two = SlicePrompts(np.array([[1.0, 2.0], [5.0, 5.0]]), np.array([1, 0]))
-    moved = SlicePrompts(np.array([[1.5, 2.0], [5.0, 5.0]]), np.array([1, 0]))
-    boxed = SlicePrompts(two.points, two.labels, box=np.array([0.0, 0, 9, 9]))
+    one = Prompts(np.array([[1.0, 2.0]]), np.array([1]))
+    two = Prompts(np.array([[1.0, 2.0], [5.0, 5.0]]), np.array([1, 0]))
+    moved = Prompts(np.array([[1.5, 2.0], [5.0, 5.0]]), np.array([1, 0]))
+    boxed = Prompts(two.points, two.labels, box=np.array([0.0, 0, 9, 9]))
     assert two.extends(one)
     assert not moved.extends(one) and not one.extends(one) and not boxed.extends(one)
-    assert one.key() == SlicePrompts(np.array([[1.0, 2.0]]), np.array([1])).key()
-    assert SlicePrompts().empty and not one.empty
+    assert one.key() == Prompts(np.array([[1.0, 2.0]]), np.array([1])).key()
+    assert Prompts().empty and not one.empty
 
 
 def test_seed_masks_from_commits_and_from_painted_labels():

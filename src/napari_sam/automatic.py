@@ -3,8 +3,11 @@
 :class:`SamAutomaticMaskGenerator` is a drop-in for Meta's generator (same parameters, defaults
 and output records) with four differences that change no mask:
 
-- The ~1000 grid prompts are decoded against one shared embedding with
-  :func:`~napari_sam.amg_decoder.decode_shared` (same function, half the arithmetic).
+- The ~1000 grid prompts are decoded by the fast decoder
+  (:class:`~napari_sam.speed.decoder.FastMaskDecoder`, made from the model's own decoder when
+  that is the exact one): all prompts share one embedding, so the first layer's image side is
+  computed once per crop, and the rest is reassociated around the prompt tokens (same
+  function, less than half the arithmetic).
 - Masks are upscaled to image resolution only after the predicted-IoU filter, which needs no
   pixels; the reference upscales every candidate first.
 - A cached embedding of the whole image can be passed to :meth:`~SamAutomaticMaskGenerator.generate`
@@ -22,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from napari_sam.amg_decoder import decode_shared
 from napari_sam.amg_utils import (
     area_from_rle,
     batched_mask_to_box,
@@ -40,8 +43,9 @@ from napari_sam.amg_utils import (
     remove_small_regions,
     rle_to_mask,
 )
-from napari_sam.models.mask_decoder import MaskDecoder
+from napari_sam.models.sam import Sam
 from napari_sam.predictor import SamPredictor, _check_image, encode_image
+from napari_sam.speed.decoder import FastMaskDecoder
 
 __all__ = [
     "AmgProgress",
@@ -150,11 +154,17 @@ class SamAutomaticMaskGenerator:
         Form of each record's ``segmentation``.
     to_uint8 : callable, optional
         Converts the image to ``H x W x 3`` uint8 (default: the predictor's min-max).
+
+    Attributes
+    ----------
+    decoder : nn.Module
+        What decodes the prompt grid: the model's mask decoder, or its fast twin when that is
+        SAM's exact decoder (same weights, same masks up to float rounding).
     """
 
     def __init__(
         self,
-        model,
+        model: Sam | SamPredictor,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
         pred_iou_thresh: float = 0.88,
@@ -219,6 +229,7 @@ class SamAutomaticMaskGenerator:
 
         self.point_grids = grids
         self.predictor = SamPredictor(model, to_uint8=to_uint8)
+        self.decoder = _grid_decoder(self.predictor.model.mask_decoder)
         self.points_per_batch = int(points_per_batch)
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -285,7 +296,7 @@ class SamAutomaticMaskGenerator:
         return rgb
 
     def _generate_masks(
-        self, rgb: np.ndarray, embedding
+        self, rgb: np.ndarray, embedding: torch.Tensor | np.ndarray | None
     ) -> Generator[AmgProgress, None, dict[str, Any]]:
         orig_size = rgb.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(
@@ -329,7 +340,7 @@ class SamAutomaticMaskGenerator:
         crop_box: list[int],
         layer: int,
         orig_size: tuple[int, int],
-        embedding,
+        embedding: torch.Tensor | np.ndarray | None,
     ) -> Generator[str, None, dict[str, Any]]:
         x0, y0, x1, y1 = crop_box
         crop = rgb[y0:y1, x0:x1]
@@ -383,25 +394,15 @@ class SamAutomaticMaskGenerator:
         coords_t = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]
         labels_t = torch.ones(coords_t.shape[:2], dtype=torch.int, device=device)
         sparse, dense = model.prompt_encoder(points=(coords_t, labels_t), boxes=None, masks=None)
-        if isinstance(model.mask_decoder, MaskDecoder):
-            # One embedding and no mask prompt for all points: the shared-image decoder.
-            _, no_mask = model.prompt_encoder(points=None, boxes=None, masks=None)
-            low_res, iou_preds = decode_shared(
-                model.mask_decoder,
-                predictor.features,
-                model.prompt_encoder.get_dense_pe(),
-                sparse,
-                no_mask,
-                multimask_output=True,
-            )
-        else:
-            low_res, iou_preds = model.mask_decoder(
-                image_embeddings=predictor.features,
-                image_pe=model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
-            )
+        # One embedding and the no-mask dense prompt for all points: the fast decoder shares
+        # the image side between them.
+        low_res, iou_preds = self.decoder(
+            image_embeddings=predictor.features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
         n_masks = low_res.shape[1]
         low_res = low_res.flatten(0, 1)
         iou_preds = iou_preds.flatten(0, 1)
@@ -512,6 +513,17 @@ class SamAutomaticMaskGenerator:
         ]
 
 
+def _grid_decoder(mask_decoder: nn.Module) -> nn.Module:
+    """The decoder that runs the prompt grid.
+
+    The fast twin of SAM's exact mask decoder (sharing its weights); a fast decoder, or a
+    decoder of any other kind (a subclass too), as it is.
+    """
+    if FastMaskDecoder.accepts(mask_decoder):
+        return FastMaskDecoder.from_exact(mask_decoder)
+    return mask_decoder
+
+
 # -- labels for napari ---------------------------------------------------------------------------
 
 
@@ -548,7 +560,7 @@ def _record_mask(segmentation: Any) -> np.ndarray:
 
 
 def iter_segment_everything(
-    predictor_or_model,
+    predictor_or_model: Sam | SamPredictor,
     image: np.ndarray,
     embedding: torch.Tensor | np.ndarray | None = None,
     **amg_kwargs: Any,
@@ -563,7 +575,7 @@ def iter_segment_everything(
 
 
 def segment_everything(
-    predictor_or_model,
+    predictor_or_model: Sam | SamPredictor,
     image: np.ndarray,
     embedding: torch.Tensor | np.ndarray | None = None,
     **amg_kwargs: Any,

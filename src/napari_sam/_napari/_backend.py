@@ -140,11 +140,10 @@ class Backend(SessionParts):
         an already built model; run at ``precision`` (see :func:`napari_sam.speed.with_precision`).
         """
         from napari_sam import weights
-        from napari_sam.speed import with_precision
-        from napari_sam.speed.sam import FastSam
+        from napari_sam.speed import is_fast, with_precision
 
         if not isinstance(source, (str, Path)):
-            if isinstance(source, FastSam):  # already made fast by its owner: used as is
+            if is_fast(source):  # already made fast by its owner: used as is
                 return source
             return with_precision(source, precision)
         model = weights.load_model(source, device=device, download=False)

@@ -18,7 +18,7 @@ import numpy as np
 
 from napari_sam._napari._backend import Backend
 from napari_sam._napari._slicing import SliceFrame
-from napari_sam._napari.prompt_layers import SlicePrompts
+from napari_sam.prompts import Prompts
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Generator
@@ -89,7 +89,7 @@ class Result:
 
     frame: SliceFrame
     index: int
-    prompts: SlicePrompts
+    prompts: Prompts
     masks: np.ndarray  # C x H x W bool
     ious: np.ndarray  # C
     low_res: np.ndarray  # C x L x L logits
@@ -166,7 +166,7 @@ def segment_job(
     setup: Setup,
     prepared: Prepared,
     index: int,
-    prompts: SlicePrompts,
+    prompts: Prompts,
     mask_input: np.ndarray | None,
     multimask: bool,
 ) -> Generator[str, None, Result]:
@@ -259,7 +259,7 @@ def boxes_job(
     setup: Setup,
     prepared: Prepared,
     index: int,
-    objects: list[SlicePrompts],
+    objects: list[Prompts],
 ) -> Generator[str, None, tuple[int, np.ndarray]]:
     """Generator: SAM's single mask for each box on slice ``index``; returns ``(index, label
     image)`` with object ``k`` as ``k + 1`` (an earlier object keeps contested pixels)."""

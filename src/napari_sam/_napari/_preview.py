@@ -6,7 +6,8 @@ from dataclasses import replace
 
 from napari_sam._napari._jobs import Result, segment_job
 from napari_sam._napari._slicing import SliceFrame
-from napari_sam._napari.prompt_layers import PromptLayer, SlicePrompts
+from napari_sam._napari.prompt_layers import PromptLayer
+from napari_sam.prompts import Prompts
 
 __all__ = ["PromptPreview"]
 
@@ -43,8 +44,8 @@ class PromptPreview:
     def _prompts_exist(self) -> bool:
         return any(len(p.layer.data) for p in self._prompt_layers())
 
-    def _prompts_on(self, frame: SliceFrame, index: int) -> SlicePrompts | None:
-        prompts = SlicePrompts()
+    def _prompts_on(self, frame: SliceFrame, index: int) -> Prompts | None:
+        prompts = Prompts()
         for p in self._prompt_layers():
             p.collect(prompts, self.image_layer, frame, index)
         return None if prompts.empty else prompts
@@ -91,7 +92,7 @@ class PromptPreview:
             and prompts.extends(previous.prompts)
         ):
             mask_input = previous.low_res[previous.chosen][None]
-        single_click = len(prompts.points) == 1 and prompts.box is None and prompts.mask is None
+        single_click = prompts.ambiguous
         self._start(
             "segment",
             segment_job,

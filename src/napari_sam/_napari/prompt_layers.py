@@ -15,7 +15,6 @@ with their own scale or translate, and anisotropic volumes, give the right pixel
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,59 +22,14 @@ from skimage.draw import ellipse as draw_ellipse
 from skimage.draw import polygon as draw_polygon
 
 from napari_sam._napari._slicing import SliceFrame
+from napari_sam.prompts import Prompts
 
-__all__ = ["BoxPrompts", "PointPrompts", "PromptLayer", "SlicePrompts"]
+__all__ = ["BoxPrompts", "PointPrompts", "PromptLayer", "Prompts"]
 
 POSITIVE_COLOR = "lime"
 NEGATIVE_COLOR = "magenta"
 BOX_COLOR = "yellow"
 _PAST_TENSE = {"added", "changed", "removed"}
-
-
-@dataclass
-class SlicePrompts:
-    """SAM prompts on one slice, in that slice's pixel frame.
-
-    Attributes
-    ----------
-    points : ndarray, shape (N, 2)
-        ``(x, y)`` = (column, row) of each click, in pixels.
-    labels : ndarray, shape (N,)
-        1 for a positive click, 0 for a negative one.
-    box : ndarray, shape (4,), or None
-        ``x0, y0, x1, y1`` in pixels.
-    mask : ndarray of bool, shape (H, W), or None
-        A drawn region (ellipse or polygon), used as a dense prompt.
-    """
-
-    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
-    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
-    box: np.ndarray | None = None
-    mask: np.ndarray | None = None
-
-    @property
-    def empty(self) -> bool:
-        return len(self.points) == 0 and self.box is None and self.mask is None
-
-    def _region_key(self) -> tuple:
-        box = None if self.box is None else tuple(np.round(self.box, 3))
-        mask = None if self.mask is None else hash(np.packbits(self.mask).tobytes())
-        return box, mask
-
-    def key(self) -> tuple:
-        """A hashable signature: equal keys mean equal prompts."""
-        pts = tuple(map(tuple, np.round(self.points, 3)))
-        return (pts, tuple(self.labels.tolist()), *self._region_key())
-
-    def extends(self, other: SlicePrompts) -> bool:
-        """True if these prompts are ``other`` plus more clicks (nothing moved or removed):
-        then the mask SAM gave for ``other`` is a sound dense prompt for these."""
-        n = len(other.points)
-        if len(self.points) <= n or self._region_key() != other._region_key():
-            return False
-        return SlicePrompts(self.points[:n], self.labels[:n], self.box, self.mask).key() == (
-            other.key()
-        )
 
 
 def _from_image_data(layer, image, data: np.ndarray) -> np.ndarray:
@@ -124,7 +78,7 @@ class PromptLayer:
         """Remove every prompt (one "removed" event)."""
         raise NotImplementedError
 
-    def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
+    def collect(self, prompts: Prompts, image, frame: SliceFrame, index: int) -> None:
         """Add this layer's prompts on slice ``index`` to ``prompts``."""
         raise NotImplementedError
 
@@ -182,7 +136,7 @@ class PointPrompts(PromptLayer):
             if where is not None:
                 yield where, s
 
-    def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
+    def collect(self, prompts: Prompts, image, frame: SliceFrame, index: int) -> None:
         pts, labels = [], []
         for (i, row, col), sign in self._located(image, frame):
             if i == index:
@@ -276,7 +230,7 @@ class BoxPrompts(PromptLayer):
             rc = np.array([(r, c) for _, r, c in where])
             yield (where[0][0], kind, rc, k) if numbered else (where[0][0], kind, rc)
 
-    def collect(self, prompts: SlicePrompts, image, frame: SliceFrame, index: int) -> None:
+    def collect(self, prompts: Prompts, image, frame: SliceFrame, index: int) -> None:
         last = None
         for i, kind, rc in self._located(image, frame):
             if i == index:
@@ -284,14 +238,14 @@ class BoxPrompts(PromptLayer):
         if last is not None:
             self._fill(prompts, frame, *last)
 
-    def each(self, image, frame: SliceFrame, index: int) -> list[tuple[SlicePrompts, float]]:
+    def each(self, image, frame: SliceFrame, index: int) -> list[tuple[Prompts, float]]:
         """Every shape on slice ``index`` as its own prompts (box, and mask for a region) with
         its detector score (NaN for a drawn shape), in the layer's order."""
         scores = self._scores()
         found = []
         for i, kind, rc, k in self._located(image, frame, numbered=True):
             if i == index:
-                prompts = SlicePrompts()
+                prompts = Prompts()
                 self._fill(prompts, frame, kind, rc)
                 found.append((prompts, scores[k]))
         return found
@@ -304,7 +258,7 @@ class BoxPrompts(PromptLayer):
         return np.asarray(features["score"], dtype=float)
 
     @staticmethod
-    def _fill(prompts: SlicePrompts, frame: SliceFrame, kind: str, rc: np.ndarray) -> None:
+    def _fill(prompts: Prompts, frame: SliceFrame, kind: str, rc: np.ndarray) -> None:
         h, w = frame.slice_shape
         (r0, c0), (r1, c1) = rc.min(axis=0), rc.max(axis=0)
         prompts.box = np.clip(np.array([c0, r0, c1, r1], float), 0, [w - 1, h - 1, w - 1, h - 1])

@@ -40,14 +40,41 @@ Precisions
 
 Embeddings from a fast model differ slightly from exact ones: cache them under
 ``FastSam.encoder_settings`` (``EmbeddingCache(..., encoder_settings=encoder_settings(model))``).
+Whether a model (or any module) is a fast one: :func:`is_fast`; callers ask that, never the
+class.
+
+How the fast modules are made
+-----------------------------
+Every fast module is a *twin* of an exact one (:mod:`napari_sam.speed.twin`), made in one way:
+``Twin.from_exact(exact, **settings)``. The twin starts with the exact module's parameters,
+buffers, submodules and plain attributes, by reference and under the same names, so its state
+dict is the exact module's; its ``speed_up(exact, **settings)`` then swaps the submodules that
+have twins of their own (``FastSam`` -> encoder, prompt encoder and decoder twins; an encoder ->
+block twins -> ``FusedLinear`` or ``DynamicInt8Linear`` twins of its ``nn.Linear`` layers) and
+sets up weights derived on demand (:class:`~napari_sam.speed.kernels.DerivedWeights`). No twin
+copies attributes by hand, and none has an ``__init__``.
+
+The modules: :mod:`~napari_sam.speed.sam` (the model, prompt encoder, mask resizing),
+:mod:`~napari_sam.speed.decoder` (the mask decoder, also used by automatic mask generation for
+its grid of prompts), :mod:`~napari_sam.speed.upscaling` (the decoder's output upscaling),
+:mod:`~napari_sam.speed.vit` and :mod:`~napari_sam.speed.tiny_vit` (the encoders),
+:mod:`~napari_sam.speed.kernels` and :mod:`~napari_sam.speed.int8` (fused and int8 linear
+layers), :mod:`~napari_sam.speed.windows`, :mod:`~napari_sam.speed.allocator`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
+from torch import nn
+
+from napari_sam.speed.twin import is_fast
+
+if TYPE_CHECKING:  # imported where used: importing napari_sam.speed stays cheap
+    from napari_sam.models.sam import Sam
+    from napari_sam.speed.sam import FastSam
 
 __all__ = [
     "INFERENCE_PRECISIONS",
@@ -58,6 +85,7 @@ __all__ = [
     "check_precision",
     "choose_precision",
     "encoder_settings",
+    "is_fast",
     "optimize",
     "with_precision",
 ]
@@ -131,7 +159,7 @@ def capabilities(device: str | torch.device = "cpu") -> Capabilities:
     return Capabilities(device.type, False, False, False, False, False)
 
 
-def choose_precision(model, device: str | torch.device | None = None) -> str:
+def choose_precision(model: nn.Module, device: str | torch.device | None = None) -> str:
     """The precision ``"auto"`` means for ``model`` on ``device`` (default: the model's).
 
     The fastest precision that kept every mask of the agreement tests at IoU >= 0.99 with the
@@ -147,12 +175,12 @@ def choose_precision(model, device: str | torch.device | None = None) -> str:
     return "fp32"
 
 
-def encoder_settings(model) -> str:
+def encoder_settings(model: object) -> str:
     """What a model's image embeddings depend on besides its weights ("" for exact models)."""
     return str(getattr(model, "encoder_settings", ""))
 
 
-def optimize(model, precision: Precision | str = "auto"):
+def optimize(model: Sam, precision: Precision | str = "auto") -> FastSam:
     """Return the fast twin of an exact :class:`~napari_sam.models.sam.Sam`.
 
     Parameters
@@ -175,18 +203,18 @@ def optimize(model, precision: Precision | str = "auto"):
         int8 kernels, bf16 where the device has none).
     """
     from napari_sam.models.sam import Sam
-    from napari_sam.speed.decoder import FastMaskDecoder
-    from napari_sam.speed.sam import FastPromptEncoder, FastSam
+    from napari_sam.speed.sam import FastSam
 
-    if isinstance(model, FastSam):
-        if precision in ("auto", model.precision):
-            return model
-        raise ValueError(
-            f"this model is already a fast model ({model.precision}); call optimize() on the "
-            "exact model to get another precision"
-        )
     if not isinstance(model, Sam):
         raise TypeError(f"optimize() takes a napari_sam Sam model, got {type(model).__name__}")
+    if is_fast(model):
+        fast = cast("FastSam", model)  # a fast Sam is a FastSam
+        if precision in ("auto", fast.precision):
+            return fast
+        raise ValueError(
+            f"this model is already a fast model ({fast.precision}); call optimize() on the "
+            "exact model to get another precision"
+        )
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     device = _model_device(model)
@@ -205,31 +233,24 @@ def optimize(model, precision: Precision | str = "auto"):
         from napari_sam.speed.allocator import keep_freed_memory
 
         keep_freed_memory()  # large temporaries reuse heap pages (see that module)
-    encoder = _fast_encoder(model.image_encoder, precision)
-    prompt_encoder = FastPromptEncoder(model.prompt_encoder)
-    decoder = FastMaskDecoder(model.mask_decoder, prompt_encoder.no_mask_embed)
-    return FastSam(
-        model,
-        encoder,
-        prompt_encoder,
-        decoder,
-        precision=precision,
-        encoder_settings=f"fast-v{FAST_PATH_VERSION}-{precision}",
-    )
+    return FastSam.from_exact(model, precision=precision)
 
 
 def check_precision(precision: str) -> None:
-    """Raise ``ValueError``, naming the valid choices, unless ``precision`` is one of
-    :data:`INFERENCE_PRECISIONS` (cheap: call it before loading a model)."""
+    """Raise ``ValueError``, naming the valid choices, for an unknown precision.
+
+    The valid ones are :data:`INFERENCE_PRECISIONS`. Cheap: call it before loading a model.
+    """
     if precision not in INFERENCE_PRECISIONS:
         raise ValueError(
             f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}; got {precision!r}"
         )
 
 
-def with_precision(model, precision: str = "auto"):
-    """The model to run for a precision choice: ``"exact"`` -> ``model`` itself, else
-    :func:`optimize` ``(model, precision)``.
+def with_precision(model: Sam, precision: str = "auto") -> Sam:
+    """The model to run for a precision choice.
+
+    ``"exact"`` -> ``model`` itself, else :func:`optimize` ``(model, precision)``.
 
     This is the one switch behind the widget's "Speed" choice and the command line's
     ``--precision``, which default to ``"auto"`` (the fastest path that keeps the masks of the
@@ -250,48 +271,20 @@ def with_precision(model, precision: str = "auto"):
             )
         return model
     if precision == "exact":
-        from napari_sam.speed.sam import FastSam
-
-        if isinstance(model, FastSam):
+        if is_fast(model):
             raise ValueError("this model is already a fast model; pass the exact model instead")
         return model
     return optimize(model, precision)
 
 
-def _fast_encoder(encoder, precision: str):
-    from napari_sam.models.image_encoder import ImageEncoderViT
-    from napari_sam.models.tiny_vit import TinyViT
-    from napari_sam.speed.int8 import DynamicInt8Linear
-    from napari_sam.speed.kernels import FusedLinear
-    from napari_sam.speed.tiny_vit import FastTinyViT
-    from napari_sam.speed.vit import FastImageEncoderViT
-
-    linear = DynamicInt8Linear if precision == "int8" else FusedLinear
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    if isinstance(encoder, ImageEncoderViT):
-        return FastImageEncoderViT(encoder, linear, autocast_dtype=dtype)
-    if isinstance(encoder, TinyViT):
-        return FastTinyViT(encoder, linear, autocast_dtype=dtype)
-    raise TypeError(f"no fast path for image encoders of type {type(encoder).__name__}")
-
-
-def _model_device(model) -> torch.device:
+def _model_device(model: nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
 
 
-def _encoder_kind(model) -> str:
-    spec = getattr(model, "spec", None)
-    if spec is not None:
-        return spec.encoder
-    from napari_sam.models.tiny_vit import TinyViT
-
-    return "tiny_vit" if isinstance(model.image_encoder, TinyViT) else "vit"
-
-
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name == "FastSam":
         from napari_sam.speed.sam import FastSam
 

@@ -1,20 +1,29 @@
 """A faster mask decoder: same mathematics as SAM's, with less work per prompt.
 
-A click runs the decoder on the 64 x 64 = 4096 image tokens with only about 7 prompt tokens.
-The cross attentions are re-associated around the few prompt tokens (the image tokens are
-never projected), as :mod:`napari_sam.amg_decoder` does for automatic mask generation's batches
-of grid points. This module makes that a drop-in
-:class:`~napari_sam.models.mask_decoder.MaskDecoder` for every caller, and adds what a sequence
-of clicks on one image, or a propagation, needs:
+A click runs the decoder on the 64 x 64 = 4096 image tokens with only about 7 prompt tokens;
+automatic mask generation runs it on ~1000 single-point prompts against one embedding. The
+exact decoder (:class:`~napari_sam.models.mask_decoder.MaskDecoder`) projects all image tokens
+in every cross-attention although only a handful of prompt tokens attend. This decoder computes
+the same function with the same weights, reassociated around the few prompt tokens:
 
-- the first layer's image-side projections do not depend on the prompt when there is no mask
-  prompt: they are computed once per image embedding and reused by every later click;
+- token-to-image attention projects the few queries into the input space instead of projecting
+  every image token (``q . (W_k x + b_k) = (W_k^T q) . x + const``, the constant cancels in the
+  softmax; ``sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v``);
+- image-to-token attention folds its query and output projections into the prompt tokens'
+  side (``(W_q x + b_q) . k = x . (W_q^T k) + b_q . k``; ``W_o (sum_j p_j v_j) = sum_j p_j
+  (W_o v_j)``);
+- when every prompt set sees the same image tokens (one embedding, and a dense prompt that is
+  one vector broadcast everywhere: the no-mask embedding), the first layer's image-side
+  projections do not depend on the prompts: they are computed once per image embedding and
+  shared by every prompt set of a batch and every later call (clicks, grid batches);
 - the positional encoding enters the attention logits through its projections, computed
   once per weight change, so ``keys + key_pe`` is never formed;
-- the hypernetwork MLPs of the returned mask tokens run as one batched product per layer;
-- the output upscaling runs on channels-last tokens (two GEMMs, LayerNorm, GELU).
+- the final attention runs for the output tokens that are read only; the hypernetwork MLPs of
+  the returned mask tokens run as one batched product per layer;
+- the output upscaling runs on channels-last tokens (:mod:`napari_sam.speed.upscaling`).
 
-The result equals the exact decoder up to float32 rounding (about 1e-5 on the logits).
+For official models this is less than half the multiply-adds per prompt. The result equals the
+exact decoder up to float32 rounding (about 1e-5 on the logits).
 """
 
 from __future__ import annotations
@@ -25,52 +34,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_sam.amg_decoder import (
-    _heads,
-    _is_subpixel_upscaling,
-    _self_attention,
-    _subpixel_weights,
-    _upscale_and_project,
-)
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.transformer import Attention, TwoWayAttentionBlock
 from napari_sam.speed.kernels import DerivedWeights
+from napari_sam.speed.twin import FastTwin
+from napari_sam.speed.upscaling import (
+    is_subpixel_upscaling,
+    subpixel_weights,
+    upscale_and_project,
+)
 
 __all__ = ["FastMaskDecoder"]
 
 
-class FastMaskDecoder(MaskDecoder):
+class FastMaskDecoder(FastTwin, MaskDecoder):
     """Fast twin of a :class:`~napari_sam.models.mask_decoder.MaskDecoder` (same interface).
 
-    Parameters
-    ----------
-    decoder : MaskDecoder
-        The exact decoder; its parameters are shared, not copied.
-    no_mask_embed : nn.Embedding
-        The prompt encoder's "no mask" embedding: a dense prompt that is a broadcast view of it
-        means the image side of the first layer is the same for every prompt.
+    Made with ``FastMaskDecoder.from_exact(decoder)``; the parameters are the decoder's.
     """
 
-    def __init__(self, decoder: MaskDecoder, no_mask_embed: nn.Embedding) -> None:
-        nn.Module.__init__(self)  # shares the decoder's submodules instead of building new ones
-        self.transformer_dim = decoder.transformer_dim
-        self.transformer = decoder.transformer
-        self.num_multimask_outputs = decoder.num_multimask_outputs
-        self.num_mask_tokens = decoder.num_mask_tokens
-        self.iou_token = decoder.iou_token
-        self.mask_tokens = decoder.mask_tokens
-        self.output_upscaling = decoder.output_upscaling
-        self.output_hypernetworks_mlps = decoder.output_hypernetworks_mlps
-        self.iou_prediction_head = decoder.iou_prediction_head
-        # Not a submodule: it belongs to the prompt encoder (and to its state-dict keys).
-        self._no_mask = (no_mask_embed,)
+    exact_type = MaskDecoder
+
+    def speed_up(self, exact: MaskDecoder) -> None:
+        """Caches of the image side and of the weights rearranged for the fast products."""
         self._image_cache: tuple | None = None
         self._stacked_hypernetworks = DerivedWeights(
             self._hypernetwork_sources, self._hypernetwork_weights
         )
         self._upscaling_weights = DerivedWeights(
             lambda: list(self.output_upscaling.parameters()),
-            lambda: _subpixel_weights(self.output_upscaling),
+            lambda: subpixel_weights(self.output_upscaling),
         )
 
     # forward() is MaskDecoder's; it calls predict_masks below.
@@ -103,28 +96,34 @@ class FastMaskDecoder(MaskDecoder):
 
     # -- image side ----------------------------------------------------------------------------
 
-    def _shares_image(self, image_embeddings: torch.Tensor, dense: torch.Tensor) -> bool:
-        """True when the dense prompt is the no-mask embedding broadcast to every prompt."""
-        (no_mask,) = self._no_mask
-        weight = no_mask.weight
+    @staticmethod
+    def shares_image(image_embeddings: torch.Tensor, dense: torch.Tensor) -> bool:
+        """Whether every prompt set sees the same image tokens.
+
+        True for one image embedding and a dense prompt that is one vector broadcast to every
+        prompt set and position (the prompt encoder's no-mask embedding).
+        """
         return (
             image_embeddings.shape[0] == 1
-            and dense.data_ptr() == weight.data_ptr()
             and (dense.shape[0] == 1 or dense.stride(0) == 0)
             and dense.stride(2) == 0
             and dense.stride(3) == 0
         )
 
-    def _image_side(self, image_embeddings, image_pe, dense) -> dict:
+    def _image_side(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+    ) -> dict:
         """Image tokens, their positions and (when prompt-independent) layer-0 projections."""
-        shared = self._shares_image(image_embeddings, dense)
+        shared = self.shares_image(image_embeddings, dense)
         if shared:
+            # The dense vector by address and version: the cache holds the tensor (below), so
+            # no other tensor can take its address while the entry lives.
             key = (
                 image_embeddings,
                 image_embeddings._version,
                 image_pe,
                 image_pe._version,
-                dense.data_ptr(),
+                (dense.data_ptr(), dense._version, dense.stride(1), dense.dtype),
                 self._weights_key(),
             )
             cache = self._image_cache
@@ -149,7 +148,7 @@ class FastMaskDecoder(MaskDecoder):
             state["t2i_v"] = t2i.v_proj(keys)
             state["i2t_q"] = i2t.q_proj(k)
             # Keep references to the key tensors so that their ids cannot be reused.
-            self._image_cache = (key, state)
+            self._image_cache = (key, state, dense)
         return state
 
     def _weights_key(self) -> tuple:
@@ -190,10 +189,13 @@ class FastMaskDecoder(MaskDecoder):
         return queries, keys
 
     def _positional(self, image_pe: torch.Tensor) -> dict:
-        """``image_pe`` as ``1 x N x C`` tokens (``"key_pe"``) and, per attention over the image
+        """The positional encoding as tokens and through each attention's projection.
+
+        ``image_pe`` as ``1 x N x C`` tokens (``"key_pe"``) and, per attention over the image
         tokens, the key (or query) projection of it, ``heads x d x N`` (``"pe_folded"``): with
         those, ``keys + key_pe`` (a pass over all image tokens per layer) is never formed. Kept
-        while ``image_pe`` is the same tensor and the weights are unchanged."""
+        while ``image_pe`` is the same tensor and the weights are unchanged.
+        """
         t = self.transformer
         projs = [t.final_attn_token_to_image.k_proj]
         for layer in t.layers:
@@ -229,10 +231,10 @@ class FastMaskDecoder(MaskDecoder):
                 x = torch.relu_(x)
         return x.transpose(0, 1)
 
-    def _hypernetwork_sources(self):
+    def _hypernetwork_sources(self) -> list[torch.Tensor]:
         return [p for mlp in self.output_hypernetworks_mlps for p in mlp.parameters()]
 
-    def _hypernetwork_weights(self):
+    def _hypernetwork_weights(self) -> tuple[torch.Tensor, ...]:
         mlps = self.output_hypernetworks_mlps
         out = []
         for i in range(mlps[0].num_layers):
@@ -247,8 +249,25 @@ class FastMaskDecoder(MaskDecoder):
     ) -> torch.Tensor:
         """``B x N x C`` image tokens -> ``B x M x 4h x 4w`` mask logits (``M`` hypernetworks)."""
         upscaling = self.output_upscaling
-        weights = self._upscaling_weights.get() if _is_subpixel_upscaling(upscaling) else None
-        return _upscale_and_project(upscaling, keys, hyper_in, size, weights)
+        weights = self._upscaling_weights.get() if is_subpixel_upscaling(upscaling) else None
+        return upscale_and_project(upscaling, keys, hyper_in, size, weights)
+
+
+def _heads(attn: Attention) -> tuple[int, int]:
+    """Number of heads and width per head of an attention."""
+    return attn.num_heads, attn.internal_dim // attn.num_heads
+
+
+def _self_attention(
+    layer: TwoWayAttentionBlock, queries: torch.Tensor, query_pe: torch.Tensor
+) -> torch.Tensor:
+    """A two-way block's first step: the prompt tokens' self-attention, then norm1."""
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + layer.self_attn(q=q, k=q, v=queries)
+    return layer.norm1(queries)
 
 
 def _project_pe(attn: Attention, linear: nn.Linear, pe: torch.Tensor) -> torch.Tensor:
@@ -265,8 +284,11 @@ def _pe_folded_block(
     t2i_pe: torch.Tensor,
     i2t_pe: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A two-way block on per-prompt image tokens, with their positional encoding entering the
-    attention logits through its precomputed projections (``t2i_pe``, ``i2t_pe``)."""
+    """A two-way block on per-prompt image tokens.
+
+    Their positional encoding enters the attention logits through its precomputed projections
+    (``t2i_pe``, ``i2t_pe``).
+    """
     queries = _self_attention(layer, queries, query_pe)
     attn_out = _token_to_image_folded(
         layer.cross_attn_token_to_image, queries + query_pe, keys, t2i_pe
@@ -291,8 +313,10 @@ def _pe_folded_block(
 def _token_to_image_folded(
     attn: Attention, q: torch.Tensor, keys: torch.Tensor, key_pe_proj: torch.Tensor
 ) -> torch.Tensor:
-    """``attn(q, keys + pe, keys)`` for ``B x T`` prompt tokens over ``B x N`` image tokens,
-    with ``key_pe_proj = W_k pe^T`` per head (``h x d x N``)."""
+    """``attn(q, keys + pe, keys)`` for ``B x T`` prompt tokens over ``B x N`` image tokens.
+
+    ``key_pe_proj`` is ``W_k pe^T`` per head (``h x d x N``).
+    """
     b, t, _ = q.shape
     heads, d = _heads(attn)
     qp = attn.q_proj(q).view(b, t, heads, d).transpose(1, 2) / math.sqrt(d)  # B h T d
@@ -330,8 +354,13 @@ def _cached_block(
     return queries, layer.norm4(keys + attn_out)
 
 
-def _token_to_image_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """As :func:`_token_to_image` with the image tokens already projected (``1 x N x Ci``)."""
+def _token_to_image_projected(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """``attn(q, ., .)`` for ``B x T`` prompt tokens over shared, projected image tokens.
+
+    ``k``, ``v``: the key and value projections of the image tokens, ``1 x N x Ci``.
+    """
     b, t, _ = q.shape
     heads, d = _heads(attn)
     qp = attn.q_proj(q).view(b, t, heads, d).transpose(1, 2)
@@ -342,8 +371,13 @@ def _token_to_image_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor,
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
 
 
-def _image_to_token_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """As :func:`_image_to_token` with the image queries already projected (``1 x N x Ci``)."""
+def _image_to_token_projected(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """``attn(., k, v)`` for shared, projected image-token queries over ``B x T`` prompt tokens.
+
+    ``q``: the query projection of the image tokens, ``1 x N x Ci``; ``B x N x C`` out.
+    """
     b, t, _ = k.shape
     heads, d = _heads(attn)
     kp = attn.k_proj(k).view(b, t, heads, d) * (1.0 / math.sqrt(d))
@@ -353,11 +387,21 @@ def _image_to_token_projected(attn: Attention, q: torch.Tensor, k: torch.Tensor,
     return _image_to_token_output(attn, logits, v, b, t, heads, d)
 
 
-def _image_to_token_output(attn, logits, v, b, t, heads, d, accumulate=None):
+def _image_to_token_output(
+    attn: Attention,
+    logits: torch.Tensor,
+    v: torch.Tensor,
+    b: int,
+    t: int,
+    heads: int,
+    d: int,
+    accumulate: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``B x (heads * T) x N`` logits -> ``B x N x C`` attention output (after out_proj).
 
     With ``accumulate`` (``B x N x C``, contiguous), the output is added to it in place by the
-    same GEMM (a residual connection without a copy of the residual) and it is returned."""
+    same GEMM (a residual connection without a copy of the residual) and it is returned.
+    """
     n = logits.shape[-1]
     # Softmax over each head's T prompt tokens; N stays the contiguous (vectorised) axis.
     probs = torch.softmax(logits.view(b, heads, t, n), dim=2).view(b, heads * t, n)

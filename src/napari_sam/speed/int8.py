@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from napari_sam.speed.kernels import DerivedWeights
+from napari_sam.speed.twin import FastTwin
 
 __all__ = ["DynamicInt8Linear", "int8_available"]
 
@@ -29,7 +31,7 @@ def int8_available() -> bool:
             linear.weight.copy_(torch.linspace(-1, 1, 128).reshape(8, 16))
             linear.bias.copy_(torch.linspace(-0.5, 0.5, 8))
             x = torch.linspace(-3, 3, 48).reshape(3, 16)
-            y = DynamicInt8Linear(linear)(x)
+            y = DynamicInt8Linear.from_exact(linear)(x)
             return bool(torch.allclose(y, linear(x), atol=0.05))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
@@ -45,7 +47,7 @@ def _pack_engine() -> str:
 
 
 @contextlib.contextmanager
-def _quantized_engine(engine: str):
+def _quantized_engine(engine: str) -> Iterator[None]:
     # The engine is global torch state, read only while packing (the packed weights remember
     # their kernel), so it is restored right away.
     previous = torch.backends.quantized.engine
@@ -64,27 +66,27 @@ def has_vnni() -> bool:
         return False
 
 
-class DynamicInt8Linear(nn.Module):
+class DynamicInt8Linear(FastTwin):
     """``y = x W^T + b`` with ``W`` in int8 (per output channel) and ``x`` quantised per call.
 
-    Shares ``weight`` and ``bias`` with the float layer it was made from, so its state dict is
-    that layer's; the packed int8 copy is rebuilt when the float weights change in place.
-
-    Parameters
-    ----------
-    linear : nn.Linear
-        The float layer (CPU).
-    reduce_range : bool or None
-        Quantise activations to 7 bits, which CPUs without VNNI need (their 8-bit multiply-add
-        saturates in int16). None: decide from the CPU.
+    Made with ``DynamicInt8Linear.from_exact(linear, reduce_range=None)`` from a float
+    ``nn.Linear`` on the CPU. Shares ``weight`` and ``bias`` with it, so its state dict is that
+    layer's; the packed int8 copy is rebuilt when the float weights change in place.
     """
 
-    def __init__(self, linear: nn.Linear, reduce_range: bool | None = None) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+    exact_type = nn.Linear
+
+    def speed_up(self, exact: nn.Linear, reduce_range: bool | None = None) -> None:
+        """Pack the int8 weights.
+
+        Parameters
+        ----------
+        exact : nn.Linear
+            The float layer (CPU).
+        reduce_range : bool or None
+            Quantise activations to 7 bits, which CPUs without VNNI need (their 8-bit
+            multiply-add saturates in int16). None: decide from the CPU.
+        """
         self.reduce_range = (not has_vnni()) if reduce_range is None else bool(reduce_range)
         sources = (
             (lambda: (self.weight,)) if self.bias is None else (lambda: (self.weight, self.bias))
@@ -105,10 +107,12 @@ class DynamicInt8Linear(nn.Module):
             return (torch.ops.quantized.linear_prepack(qweight, bias),)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """``x W^T + b`` in int8 arithmetic, then the optional ``"gelu"``."""
         (packed,) = self._packed.get()
         y = torch.ops.quantized.linear_dynamic(x.float(), packed, self.reduce_range)
         # In place: a fresh tensor of this size costs more in page faults than the GELU.
         return torch.ops.aten.gelu_(y) if activation == "gelu" else y
 
     def extra_repr(self) -> str:
+        """What ``print(module)`` shows."""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

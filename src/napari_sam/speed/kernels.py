@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_sam.speed.twin import FastTwin
+
 __all__ = [
     "DerivedWeights",
     "FusedLinear",
@@ -29,10 +31,10 @@ __all__ = [
 ]
 
 Activation = str | None  # "gelu" or None
-LinearFactory = Callable[[nn.Linear], nn.Module]  # float Linear -> its fast twin
+LinearFactory = Callable[[nn.Linear], nn.Module]  # float Linear -> its twin (``X.from_exact``)
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
     if dtype is None:
         return contextlib.nullcontext()
@@ -73,22 +75,18 @@ def fused_linear_available() -> bool:
         return False
 
 
-class FusedLinear(nn.Module):
+class FusedLinear(FastTwin):
     """``act(x W^T + b)``: oneDNN adds the bias (and GELU) inside the GEMM on a CPU.
 
     ``F.linear`` first copies the bias into every row of the output and then accumulates the
     product onto it; for the narrow layers of TinyViT that copy cost as much as the product.
-    Shares ``weight`` and ``bias`` with the layer it was made from (same state dict).
+    Made with ``FusedLinear.from_exact(linear)``: shares ``weight`` and ``bias`` with it.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+    exact_type = nn.Linear
 
     def forward(self, x: torch.Tensor, activation: Activation = None) -> torch.Tensor:
+        """``x W^T + b``, then the optional ``"gelu"``."""
         if x.device.type == "cpu" and x.dtype == torch.float32 and fused_linear_available():
             attr = "gelu" if activation == "gelu" else "none"
             return torch.ops.mkldnn._linear_pointwise(
@@ -98,6 +96,7 @@ class FusedLinear(nn.Module):
         return torch.ops.aten.gelu_(y) if activation == "gelu" else y
 
     def extra_repr(self) -> str:
+        """What ``print(module)`` shows."""
         return f"in_features={self.in_features}, out_features={self.out_features}, fused"
 
 
@@ -168,6 +167,7 @@ class DerivedWeights:
         self._value: tuple[torch.Tensor, ...] | None = None
 
     def get(self) -> tuple[torch.Tensor, ...]:
+        """The derived tensors, recomputed first if a source changed since the last call."""
         key = tuple((t.data_ptr(), t._version, t.device) for t in self._sources())
         if self._value is None or key != self._key:
             with torch.no_grad():

@@ -9,36 +9,35 @@ from torch import nn
 from napari_sam.models.prompt_encoder import PromptEncoder
 from napari_sam.models.sam import Sam
 from napari_sam.resampling import apply_rows, operator_taps
-from napari_sam.speed.kernels import DerivedWeights
+from napari_sam.speed.decoder import FastMaskDecoder
+from napari_sam.speed.int8 import DynamicInt8Linear
+from napari_sam.speed.kernels import DerivedWeights, FusedLinear
+from napari_sam.speed.tiny_vit import FastTinyViT
+from napari_sam.speed.twin import FastTwin, is_fast
+from napari_sam.speed.vit import FastImageEncoderViT
 
-__all__ = ["FastPromptEncoder", "FastSam"]
+__all__ = ["FastPromptEncoder", "FastSam", "fast_image_encoder", "resampling_taps"]
 
 
-class FastPromptEncoder(PromptEncoder):
+class FastPromptEncoder(FastTwin, PromptEncoder):
     """The prompt encoder with its dense positional encoding computed once, not per prompt.
 
-    Holds the exact encoder's submodules (same state-dict keys, shared parameters); the
-    encoding is recomputed when the random-frequency matrix changes (e.g. a state dict is
-    loaded). The returned tensor is shared: do not modify it in place.
+    Made with ``FastPromptEncoder.from_exact(prompt_encoder)`` (same state-dict keys, shared
+    parameters); the encoding is recomputed when the random-frequency matrix changes (e.g. a
+    state dict is loaded). The returned tensor is shared: do not modify it in place.
     """
 
-    def __init__(self, prompt_encoder: PromptEncoder) -> None:
-        nn.Module.__init__(self)
-        self.embed_dim = prompt_encoder.embed_dim
-        self.image_embedding_size = prompt_encoder.image_embedding_size
-        self.input_image_size = prompt_encoder.input_image_size
-        self.mask_input_size = prompt_encoder.mask_input_size
-        self.pe_layer = prompt_encoder.pe_layer
-        self.point_embeddings = prompt_encoder.point_embeddings
-        self.not_a_point_embed = prompt_encoder.not_a_point_embed
-        self.mask_downscaling = prompt_encoder.mask_downscaling
-        self.no_mask_embed = prompt_encoder.no_mask_embed
+    exact_type = PromptEncoder
+
+    def speed_up(self, exact: PromptEncoder) -> None:
+        """The dense positional encoding, kept until its frequency matrix changes."""
         self._dense_pe = DerivedWeights(
             lambda: (self.pe_layer.positional_encoding_gaussian_matrix,),
             lambda: (PromptEncoder.get_dense_pe(self),),
         )
 
     def get_dense_pe(self) -> torch.Tensor:
+        """As :meth:`PromptEncoder.get_dense_pe`, computed once (a shared tensor)."""
         return self._dense_pe.get()[0]
 
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
@@ -82,8 +81,10 @@ class FastPromptEncoder(PromptEncoder):
 
 
 def _tap_order(blocks: torch.Tensor) -> torch.Tensor:
-    """``K x 4 x 4`` pixel blocks -> ``K x 16`` rows in the order :func:`_embed_rows` reads:
-    second-convolution tap (row, column), then first-convolution tap (row, column)."""
+    """``K x 4 x 4`` pixel blocks -> ``K x 16`` rows in the order :func:`_embed_rows` reads.
+
+    That is: second-convolution tap (row, column), then first-convolution tap (row, column).
+    """
     # Pixel (2a + r, 2c + s): second-convolution tap (a, c), first-convolution tap (r, s).
     return blocks.reshape(-1, 2, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16)
 
@@ -122,11 +123,12 @@ def _is_mask_downscaling(layers: list) -> bool:
     )
 
 
-class FastSam(Sam):
+class FastSam(FastTwin, Sam):
     """A :class:`Sam` whose modules run the fast path; same interface and state dict.
 
-    Build one with :func:`napari_sam.speed.optimize`. Its parameters are the exact model's
-    (shared): loading weights into either changes both. Inference only.
+    Build one with :func:`napari_sam.speed.optimize` (which checks the precision against the
+    device, then calls ``FastSam.from_exact(model, precision=...)``). Its parameters are the
+    exact model's (shared): loading weights into either changes both. Inference only.
 
     Attributes
     ----------
@@ -138,28 +140,28 @@ class FastSam(Sam):
         never mixed.
     """
 
-    def __init__(
-        self,
-        exact: Sam,
-        image_encoder: nn.Module,
-        prompt_encoder: PromptEncoder,
-        mask_decoder: nn.Module,
-        *,
-        precision: str,
-        encoder_settings: str,
-    ) -> None:
-        nn.Module.__init__(self)
-        self.image_encoder = image_encoder
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
-        self.spec = exact.spec
-        self.register_buffer("pixel_mean", exact.pixel_mean, False)
-        self.register_buffer("pixel_std", exact.pixel_std, False)
+    exact_type = Sam
+
+    def speed_up(self, exact: Sam, precision: str = "fp32") -> None:
+        """Fast encoder, prompt encoder and decoder twins.
+
+        Parameters
+        ----------
+        exact : Sam
+            The exact model.
+        precision : {"fp32", "int8", "bf16"}
+            What the encoder runs in (checked against the device by ``optimize``, not here).
+        """
+        from napari_sam.speed import FAST_PATH_VERSION
+
         self.precision = precision
-        self.encoder_settings = encoder_settings
-        self.train(False)
+        self.encoder_settings = f"fast-v{FAST_PATH_VERSION}-{precision}"
+        self.image_encoder = fast_image_encoder(exact.image_encoder, precision)
+        self.prompt_encoder = FastPromptEncoder.from_exact(exact.prompt_encoder)
+        self.mask_decoder = FastMaskDecoder.from_exact(exact.mask_decoder)
 
     def train(self, mode: bool = True) -> FastSam:
+        """Inference only: ``train(False)`` (``eval()``) is accepted, ``train()`` raises."""
         if mode:
             raise RuntimeError(
                 "the fast model is for inference only; train the exact model it was made from"
@@ -167,7 +169,7 @@ class FastSam(Sam):
         # Only the fast path's own modules: the shared ones belong to the exact model, whose
         # mode is left as its owner set it (the fast forward never depends on it).
         for module in self.modules():
-            if type(module).__module__.startswith("napari_sam.speed"):
+            if is_fast(module):
                 module.training = False
         return self
 
@@ -195,7 +197,9 @@ class FastSam(Sam):
         out = apply_rows(masks.transpose(-1, -2).contiguous(), *cols)
         return apply_rows(out.transpose(-1, -2).contiguous(), *rows)
 
-    def _taps(self, low: int, n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _taps(
+        self, low: int, n_in: int, n_out: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         key = (low, n_in, n_out, str(device))
         cache = self.__dict__.setdefault("_taps_cache", {})
         if key not in cache:
@@ -205,6 +209,24 @@ class FastSam(Sam):
                 t.to(device) for t in resampling_taps(low, self.image_size, n_in, n_out)
             )
         return cache[key]
+
+
+def fast_image_encoder(encoder: nn.Module, precision: str) -> nn.Module:
+    """The fast twin of a ViT or TinyViT image encoder running at ``precision``.
+
+    ``precision`` is ``"fp32"``, ``"int8"`` or ``"bf16"``, not checked against the device here.
+
+    Raises
+    ------
+    TypeError
+        For an encoder of another kind.
+    """
+    linear = DynamicInt8Linear.from_exact if precision == "int8" else FusedLinear.from_exact
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    for twin in (FastImageEncoderViT, FastTinyViT):
+        if twin.accepts(encoder):
+            return twin.from_exact(encoder, linear=linear, autocast_dtype=dtype)
+    raise TypeError(f"no fast path for image encoders of type {type(encoder).__name__}")
 
 
 def resampling_taps(

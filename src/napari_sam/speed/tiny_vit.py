@@ -28,18 +28,18 @@ from napari_sam.speed.kernels import (
     conv2d,
     fold_batch_norm,
 )
+from napari_sam.speed.twin import FastTwin
 from napari_sam.speed.windows import from_windows, to_windows
 
 __all__ = ["FastTinyViT"]
 
 
-class FastConvBN(nn.Module):
+class FastConvBN(FastTwin):
     """A :class:`~napari_sam.models.tiny_vit.Conv2dBN` as one convolution (BatchNorm folded)."""
 
-    def __init__(self, conv_bn: tv.Conv2dBN) -> None:
-        super().__init__()
-        self.c = conv_bn.c
-        self.bn = conv_bn.bn
+    exact_type = tv.Conv2dBN
+
+    def speed_up(self, exact: tv.Conv2dBN) -> None:
         bn = self.bn
         self._folded = DerivedWeights(
             lambda: (self.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var),
@@ -63,40 +63,43 @@ class FastConvBN(nn.Module):
         )
 
 
-class FastTinyViT(nn.Module):
+class FastTinyViT(FastTwin):
     """Fast twin of a :class:`~napari_sam.models.tiny_vit.TinyViT` (same input and output).
 
-    Parameters
-    ----------
-    encoder : TinyViT
-        The exact encoder; its parameters are shared, not copied.
-    linear : callable
-        Turns each ``nn.Linear`` of the attention stages into the module to use.
-    autocast_dtype : torch.dtype, optional
-        Run under ``torch.autocast`` to this dtype; the output is float32 either way.
+    Made with ``FastTinyViT.from_exact(encoder, linear=..., autocast_dtype=...)`` (see
+    :meth:`speed_up`).
     """
 
-    def __init__(
+    exact_type = tv.TinyViT
+
+    def speed_up(
         self,
-        encoder: tv.TinyViT,
-        linear: LinearFactory = FusedLinear,
+        exact: tv.TinyViT,
+        linear: LinearFactory = FusedLinear.from_exact,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        """Fast stem and stages.
+
+        Parameters
+        ----------
+        exact : TinyViT
+            The exact encoder; its parameters are shared, not copied.
+        linear : callable
+            Turns each ``nn.Linear`` of the attention stages into the module to use.
+        autocast_dtype : torch.dtype, optional
+            Run under ``torch.autocast`` to this dtype; the output is float32 either way.
+        """
         self.autocast_dtype = autocast_dtype
-        self.img_size = encoder.img_size
-        self.in_chans = encoder.in_chans
-        self.patch_embed = FastPatchEmbed(encoder.patch_embed)
-        layers = []
-        for layer in encoder.layers:
-            if isinstance(layer, tv.ConvLayer):
-                layers.append(FastConvLayer(layer))
-            else:
-                layers.append(FastBasicLayer(layer, linear))
-        self.layers = nn.ModuleList(layers)
-        self.neck = encoder.neck
+        self.patch_embed = FastPatchEmbed.from_exact(exact.patch_embed)
+        self.layers = nn.ModuleList(
+            FastConvLayer.from_exact(layer)
+            if FastConvLayer.accepts(layer)
+            else FastBasicLayer.from_exact(layer, linear=linear)
+            for layer in exact.layers
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x S x S`` images -> ``B x 256 x S/16 x S/16`` embeddings (float32)."""
         tv.TinyViT.check_input(self, x)  # reads only in_chans and img_size
         with autocast(x.device, self.autocast_dtype):
             x = self.patch_embed(x.float().contiguous(memory_format=torch.channels_last))
@@ -120,46 +123,55 @@ def _layer_norm_2d(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return y.permute(0, 3, 1, 2)
 
 
-class FastPatchEmbed(nn.Module):
-    def __init__(self, patch_embed: tv.PatchEmbed) -> None:
-        super().__init__()
-        conv1, _act, conv2 = patch_embed.seq
-        self.seq = nn.ModuleList([FastConvBN(conv1), nn.Identity(), FastConvBN(conv2)])
+class FastPatchEmbed(FastTwin):
+    exact_type = tv.PatchEmbed
+
+    def speed_up(self, exact: tv.PatchEmbed) -> None:
+        conv1, act, conv2 = exact.seq
+        # (its GELU runs inside the first convolution)
+        self.seq = nn.ModuleList([FastConvBN.from_exact(conv1), act, FastConvBN.from_exact(conv2)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seq[2](self.seq[0](x, "gelu"))
 
 
-class FastMBConv(nn.Module):
-    def __init__(self, block: tv.MBConv) -> None:
-        super().__init__()
-        self.conv1 = FastConvBN(block.conv1)
-        self.conv2 = FastConvBN(block.conv2)
-        self.conv3 = FastConvBN(block.conv3)
+class FastMBConv(FastTwin):
+    exact_type = tv.MBConv
+
+    def speed_up(self, exact: tv.MBConv) -> None:
+        _fast_convolutions(self, exact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv2(self.conv1(x, "gelu"), "gelu")
         return self.conv3(y, "gelu", add=x)
 
 
-class FastPatchMerging(nn.Module):
-    def __init__(self, merging: tv.PatchMerging) -> None:
-        super().__init__()
-        self.conv1 = FastConvBN(merging.conv1)
-        self.conv2 = FastConvBN(merging.conv2)
-        self.conv3 = FastConvBN(merging.conv3)
+class FastPatchMerging(FastTwin):
+    exact_type = tv.PatchMerging
+
+    def speed_up(self, exact: tv.PatchMerging) -> None:
+        _fast_convolutions(self, exact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv3(self.conv2(self.conv1(x, "gelu"), "gelu"))
 
 
-class FastConvLayer(nn.Module):
-    def __init__(self, layer: tv.ConvLayer) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(FastMBConv(b) for b in layer.blocks)
-        self.downsample = (
-            FastPatchMerging(layer.downsample) if layer.downsample is not None else None
-        )
+def _fast_convolutions(twin: nn.Module, exact: nn.Module) -> None:
+    """``conv1``..``conv3`` of an MBConv or a patch merging as :class:`FastConvBN`."""
+    for name in ("conv1", "conv2", "conv3"):
+        setattr(twin, name, FastConvBN.from_exact(getattr(exact, name)))
+
+
+def _fast_downsample(layer: tv.ConvLayer | tv.BasicLayer) -> FastPatchMerging | None:
+    return None if layer.downsample is None else FastPatchMerging.from_exact(layer.downsample)
+
+
+class FastConvLayer(FastTwin):
+    exact_type = tv.ConvLayer
+
+    def speed_up(self, exact: tv.ConvLayer) -> None:
+        self.blocks = nn.ModuleList(FastMBConv.from_exact(b) for b in exact.blocks)
+        self.downsample = _fast_downsample(exact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -167,13 +179,14 @@ class FastConvLayer(nn.Module):
         return self.downsample(x) if self.downsample is not None else x
 
 
-class FastBasicLayer(nn.Module):
-    def __init__(self, layer: tv.BasicLayer, linear: LinearFactory) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(FastTinyViTBlock(b, linear) for b in layer.blocks)
-        self.downsample = (
-            FastPatchMerging(layer.downsample) if layer.downsample is not None else None
+class FastBasicLayer(FastTwin):
+    exact_type = tv.BasicLayer
+
+    def speed_up(self, exact: tv.BasicLayer, linear: LinearFactory) -> None:
+        self.blocks = nn.ModuleList(
+            FastTinyViTBlock.from_exact(b, linear=linear) for b in exact.blocks
         )
+        self.downsample = _fast_downsample(exact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last B x C x H x W is a contiguous B x H x W x C: a view, not a copy.
@@ -184,13 +197,13 @@ class FastBasicLayer(nn.Module):
         return self.downsample(x) if self.downsample is not None else x
 
 
-class FastTinyViTBlock(nn.Module):
-    def __init__(self, block: tv.TinyViTBlock, linear: LinearFactory) -> None:
-        super().__init__()
-        self.window_size = block.window_size
-        self.attn = FastWindowAttention(block.attn, linear)
-        self.mlp = FastMlp(block.mlp, linear)
-        self.local_conv = FastConvBN(block.local_conv)
+class FastTinyViTBlock(FastTwin):
+    exact_type = tv.TinyViTBlock
+
+    def speed_up(self, exact: tv.TinyViTBlock, linear: LinearFactory) -> None:
+        self.attn = FastWindowAttention.from_exact(exact.attn, linear=linear)
+        self.mlp = FastMlp.from_exact(exact.mlp, linear=linear)
+        self.local_conv = FastConvBN.from_exact(exact.local_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, h, w, _ = x.shape
@@ -204,16 +217,12 @@ class FastTinyViTBlock(nn.Module):
         return self.mlp(x).add_(x)
 
 
-class FastWindowAttention(nn.Module):
-    def __init__(self, attn: tv.Attention, linear: LinearFactory) -> None:
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
-        self.norm = attn.norm
-        self.qkv = linear(attn.qkv)
-        self.proj = linear(attn.proj)
-        self.attention_biases = attn.attention_biases
-        self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs, persistent=False)
+class FastWindowAttention(FastTwin):
+    exact_type = tv.Attention
+
+    def speed_up(self, exact: tv.Attention, linear: LinearFactory) -> None:
+        self.qkv = linear(exact.qkv)
+        self.proj = linear(exact.proj)
         # Window padding is zeros before the norm: one projection serves every padding token.
         self.padding_qkv = DerivedWeights(
             lambda: (self.norm.weight, self.norm.bias, self.qkv.weight, self.qkv.bias),
@@ -234,12 +243,12 @@ class FastWindowAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, n, -1)
 
 
-class FastMlp(nn.Module):
-    def __init__(self, mlp: tv.Mlp, linear: LinearFactory) -> None:
-        super().__init__()
-        self.norm = mlp.norm
-        self.fc1 = linear(mlp.fc1)
-        self.fc2 = linear(mlp.fc2)
+class FastMlp(FastTwin):
+    exact_type = tv.Mlp
+
+    def speed_up(self, exact: tv.Mlp, linear: LinearFactory) -> None:
+        self.fc1 = linear(exact.fc1)
+        self.fc2 = linear(exact.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1(self.norm(x), activation="gelu"))

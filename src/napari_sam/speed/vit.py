@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_sam.models.common import MLPBlock
 from napari_sam.models.image_encoder import (
     Attention,
     Block,
@@ -28,6 +29,7 @@ from napari_sam.models.image_encoder import (
     relative_position_table,
 )
 from napari_sam.speed.kernels import FusedLinear, LinearFactory, autocast
+from napari_sam.speed.twin import FastTwin
 from napari_sam.speed.windows import from_windows, to_windows
 
 __all__ = ["FastImageEncoderViT"]
@@ -38,40 +40,41 @@ __all__ = ["FastImageEncoderViT"]
 BIAS_BUDGET = 2**25
 
 
-class FastImageEncoderViT(nn.Module):
+class FastImageEncoderViT(FastTwin):
     """Fast twin of an :class:`ImageEncoderViT` (same input, output and parameters).
 
-    Parameters
-    ----------
-    encoder : ImageEncoderViT
-        The exact encoder; its parameters are shared, not copied.
-    linear : callable
-        Turns each ``nn.Linear`` of the blocks into the module to use:
-        :class:`~napari_sam.speed.kernels.FusedLinear` (float32) or
-        :class:`~napari_sam.speed.int8.DynamicInt8Linear` (int8). Either takes an optional
-        ``activation="gelu"`` to apply after the product.
-    autocast_dtype : torch.dtype, optional
-        Run under ``torch.autocast`` to this dtype (bf16 on CUDA or AMX CPUs); the output is
-        float32 either way.
+    Made with ``FastImageEncoderViT.from_exact(encoder, linear=..., autocast_dtype=...)``
+    (see :meth:`speed_up`).
     """
 
-    def __init__(
+    exact_type = ImageEncoderViT
+
+    def speed_up(
         self,
-        encoder: ImageEncoderViT,
-        linear: LinearFactory = FusedLinear,
+        exact: ImageEncoderViT,
+        linear: LinearFactory = FusedLinear.from_exact,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        """Fast blocks.
+
+        Parameters
+        ----------
+        exact : ImageEncoderViT
+            The exact encoder; its parameters are shared, not copied.
+        linear : callable
+            Turns each ``nn.Linear`` of the blocks into the module to use:
+            ``FusedLinear.from_exact`` (float32) or ``DynamicInt8Linear.from_exact`` (int8,
+            :mod:`napari_sam.speed.int8`). Either takes an optional ``activation="gelu"`` to
+            apply after the product.
+        autocast_dtype : torch.dtype, optional
+            Run under ``torch.autocast`` to this dtype (bf16 on CUDA or AMX CPUs); the output
+            is float32 either way.
+        """
         self.autocast_dtype = autocast_dtype
-        self.img_size = encoder.img_size
-        self.patch_size = encoder.patch_size
-        self.in_chans = encoder.in_chans
-        self.patch_embed = encoder.patch_embed
-        self.pos_embed = encoder.pos_embed
-        self.blocks = nn.ModuleList(FastBlock(b, linear) for b in encoder.blocks)
-        self.neck = encoder.neck
+        self.blocks = nn.ModuleList(FastBlock.from_exact(b, linear=linear) for b in exact.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x S x S`` images -> ``B x C_out x S/16 x S/16`` embeddings (float32)."""
         ImageEncoderViT.check_input(self, x)  # reads only in_chans and img_size
         with autocast(x.device, self.autocast_dtype):
             x = self.patch_embed(x.float())
@@ -82,16 +85,14 @@ class FastImageEncoderViT(nn.Module):
             return self.neck(x.permute(0, 3, 1, 2)).float().contiguous()
 
 
-class FastBlock(nn.Module):
+class FastBlock(FastTwin):
     """Fast twin of a ViT :class:`Block` (``B x H x W x C`` in and out)."""
 
-    def __init__(self, block: Block, linear: LinearFactory) -> None:
-        super().__init__()
-        self.window_size = block.window_size
-        self.norm1 = block.norm1
-        self.attn = FastAttention(block.attn, linear)
-        self.norm2 = block.norm2
-        self.mlp = FastMLP(block.mlp, linear)
+    exact_type = Block
+
+    def speed_up(self, exact: Block, linear: LinearFactory) -> None:
+        self.attn = FastAttention.from_exact(exact.attn, linear=linear)
+        self.mlp = FastMLP.from_exact(exact.mlp, linear=linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -112,18 +113,14 @@ class FastBlock(nn.Module):
         return y.add_(x)
 
 
-class FastAttention(nn.Module):
+class FastAttention(FastTwin):
     """Multi-head attention with decomposed relative positions, through flash SDPA."""
 
-    def __init__(self, attn: Attention, linear: LinearFactory) -> None:
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.qkv = linear(attn.qkv)
-        self.proj = linear(attn.proj)
-        self.use_rel_pos = attn.use_rel_pos
-        if self.use_rel_pos:
-            self.rel_pos_h = attn.rel_pos_h
-            self.rel_pos_w = attn.rel_pos_w
+    exact_type = Attention
+
+    def speed_up(self, exact: Attention, linear: LinearFactory) -> None:
+        self.qkv = linear(exact.qkv)
+        self.proj = linear(exact.proj)
 
     def attend(self, qkv: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``B x N x 3C`` projected tokens of an ``H x W`` grid -> ``B x N x C`` (before proj)."""
@@ -156,14 +153,16 @@ class FastAttention(nn.Module):
         return out.view(b, n, c3 // 3)
 
 
-class FastMLP(nn.Module):
-    def __init__(self, mlp: nn.Module, linear: LinearFactory) -> None:
-        super().__init__()
-        self.lin1 = linear(mlp.lin1)
-        self.lin2 = linear(mlp.lin2)
-        self.act = mlp.act
+class FastMLP(FastTwin):
+    """The block's MLP with its GELU inside the first product."""
+
+    exact_type = MLPBlock
+
+    def speed_up(self, exact: MLPBlock, linear: LinearFactory) -> None:
+        self.lin1 = linear(exact.lin1)
+        self.lin2 = linear(exact.lin2)
         # SAM's exact-erf GELU can run inside the first product; any other activation runs apart.
-        self._fused_gelu = type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
+        self._fused_gelu = type(exact.act) is nn.GELU and exact.act.approximate == "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused_gelu:

@@ -15,7 +15,7 @@ import torch
 __all__ = ["from_windows", "to_windows"]
 
 
-def _blocks(h: int, w: int, ws: int):
+def _blocks(h: int, w: int, ws: int) -> tuple[list[tuple], list[tuple]]:
     """``(grid rows, grid cols, window-row index, row-in-window, ...)`` of the four blocks."""
     fh, fw = h // ws, w // ws
     rh, rw = h - fh * ws, w - fw * ws
@@ -28,7 +28,7 @@ def _blocks(h: int, w: int, ws: int):
     return rows, cols
 
 
-def _grid_view(x: torch.Tensor, rows, cols, ws: int) -> torch.Tensor:
+def _grid_view(x: torch.Tensor, rows: tuple, cols: tuple, ws: int) -> torch.Tensor:
     """The part of ``x`` (``B x H x W x C``) in block ``rows x cols``, split like the windows."""
     b, c = x.shape[0], x.shape[-1]
     part = x[:, rows[0], cols[0]]
