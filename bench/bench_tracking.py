@@ -58,7 +58,7 @@ def volume(slices: int, size: int = 512) -> np.ndarray:
 
 
 def click(size: int = 512) -> np.ndarray:
-    """The click (x, y) at the ellipsoid's centre."""
+    """Return the click (x, y) at the ellipsoid's centre."""
     return np.array([[0.55 * size, 0.45 * size]], dtype=np.float32)
 
 
@@ -76,6 +76,7 @@ class PartTimer:
                 module.register_forward_hook(self._post(part, name))
 
     def reset(self) -> None:
+        """Forget the time measured so far."""
         self.totals = dict.fromkeys(PARTS, 0.0)
         self.calls = dict.fromkeys(PARTS, 0)
 
