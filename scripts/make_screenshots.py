@@ -30,7 +30,7 @@ SPACING = (2.0, 0.8, 0.8)  # mm: slice thickness, then in-plane
 def wait(app, widget, timeout: float = 600.0) -> None:
     """Let the widget's background job finish while Qt keeps drawing."""
     end = time.monotonic() + timeout
-    while widget.jobs.busy or widget._pending:
+    while widget.jobs.busy or widget.pending:
         app.processEvents()
         time.sleep(0.02)
         if time.monotonic() > end:

@@ -23,6 +23,7 @@ from scipy import ndimage
 from torch import nn
 
 import reference
+from conftest import SMALL_VIT_KWARGS
 from napari_sam import amg_utils as U
 from napari_sam import speed
 from napari_sam.automatic import (
@@ -44,7 +45,7 @@ ref_amg = sys.modules["segment_anything.utils.amg"]
 ref_boxes = reference.module("torchvision.ops.boxes")
 
 SIZE = 256  # encoder input of the small model
-SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)}
+SMALL_VIT = SMALL_VIT_KWARGS
 LOOSE = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 
 

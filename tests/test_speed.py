@@ -15,20 +15,15 @@ import torch
 import torch.nn.functional as F
 
 import napari_sam
+from conftest import small_vit_spec
 from napari_sam import SamPredictor, speed
-from napari_sam.registry import ModelSpec, get_spec
+from napari_sam.registry import get_spec
 from napari_sam.speed.decoder import FastMaskDecoder
 from napari_sam.speed.sam import FastSam, resampling_taps
 from test_predictor import _image
 
-SMALL_VIT = ModelSpec(
-    name="test_small_vit",
-    encoder="vit",
-    # grid 16 with window 14: padded windows; block 1 global
-    encoder_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,)},
-    image_size=256,
-    test_fixture=True,
-)
+# grid 16 with window 14: padded windows; block 1 global
+SMALL_VIT = small_vit_spec("test_small_vit", test_fixture=True)
 SMALL_TINY = get_spec("vit_t").replace(image_size=256)  # stage grids 64/32/16/16: padding too
 FIXTURE = Path(__file__).parent / "data" / "sam_test_tiny.safetensors"
 

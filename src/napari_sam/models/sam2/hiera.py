@@ -101,6 +101,10 @@ class Hiera(nn.Module):
             widths.append(dim)
         # Widths of the outputs, lowest resolution first (the FPN neck's order).
         self.channel_list = [widths[i] for i in self.stage_ends[::-1]]
+        # The interpolated position embedding of the last grid (its bicubic upsampling is
+        # ~2 % of an encoder pass at 512 px), valid while both parameters are unchanged:
+        # their version counters move with every in-place update (optimiser, load_state_dict).
+        self._pos_cache: tuple[tuple, torch.Tensor] | None = None
 
     def _get_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         h, w = hw
@@ -112,9 +116,18 @@ class Hiera(nn.Module):
                 "position-embedding window: use an image size that is a multiple of "
                 f"{4 * wh}"
             )
+        # Training needs the graph through the parameters: no cache then.
+        cacheable = not (
+            torch.is_grad_enabled() and (window.requires_grad or self.pos_embed.requires_grad)
+        )
+        key = (h, w, window.device, window.dtype, self.pos_embed._version, window._version)
+        if cacheable and self._pos_cache is not None and self._pos_cache[0] == key:
+            return self._pos_cache[1]
         pos = F.interpolate(self.pos_embed, size=(h, w), mode="bicubic")
-        pos = pos + window.tile(1, 1, h // wh, w // ww)
-        return pos.permute(0, 2, 3, 1)
+        pos = (pos + window.tile(1, 1, h // wh, w // ww)).permute(0, 2, 3, 1)
+        if cacheable:
+            self._pos_cache = (key, pos)
+        return pos
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encode ``B x 3 x S x S`` images: one ``B x C x h x w`` map per stage.
