@@ -347,21 +347,38 @@ def test_cluster_cohort_equals_serial_and_survives_a_killed_worker(
     serial = stored_embeddings(serial_run / "cache")
     remote = stored_embeddings(tmp_path / "cache")
     assert sorted(serial) == sorted(remote)
+    # Workers run their own torch thread pools, so float32 sums may round differently from the
+    # serial run (seen: 6e-8 on an IoU score); the store keeps float16, so at most one float16
+    # step (relative 2**-10) apart, and masks may differ only where a logit sits on the threshold.
     for key, value in serial.items():
-        np.testing.assert_array_equal(remote[key], value, err_msg=key)
+        np.testing.assert_allclose(remote[key], value, rtol=2**-10, atol=1e-6, err_msg=key)
     segment = ["batch", "segment", str(root / "vols"), "--prompts", str(root / "prompts")]
     assert main([*segment, "-o", str(tmp_path / "labels"), *common]) == 0
     for k in range(2):
-        np.testing.assert_array_equal(
-            read_nifti(tmp_path / "labels" / f"case{k}.nii.gz").data,
-            read_nifti(serial_run / "labels" / f"case{k}.nii.gz").data,
-        )
+        got = read_nifti(tmp_path / "labels" / f"case{k}.nii.gz").data
+        want = read_nifti(serial_run / "labels" / f"case{k}.nii.gz").data
+        assert np.count_nonzero(got != want) <= want.size // 10_000, f"case{k}"
     assert temporaries(tmp_path / "labels") == []
     amg = ["batch", "amg", str(root / "images"), "-o", str(tmp_path / "masks"), *AMG]
     assert main([*amg, *common[:6], "--scheduler", local.scheduler_address, "--quiet"]) == 0
     for k in range(2):
         name = f"scene{k}.json"
-        assert (tmp_path / "masks" / name).read_text() == (serial_run / "masks" / name).read_text()
+        _assert_same_masks(
+            json.loads((tmp_path / "masks" / name).read_text()),
+            json.loads((serial_run / "masks" / name).read_text()),
+        )
+
+
+def _assert_same_masks(got: list[dict], want: list[dict]) -> None:
+    """The same automatic masks, scores equal up to float32 rounding across processes."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for field, value in b.items():
+            if field in ("predicted_iou", "stability_score"):
+                assert a[field] == pytest.approx(value, rel=1e-5, abs=1e-6), field
+            else:
+                assert a[field] == value, field
 
 
 @pytest.mark.slow  # shares the cluster above
