@@ -390,3 +390,22 @@ def test_first_writer_creates_the_manifest_the_second_reads_it(tmp_path):
     assert not embeddings._create_exclusive(path, b'{"a": 2}')
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_a_slice_that_cannot_be_stored_warns_and_is_still_served(tmp_path, monkeypatch):
+    from napari_sam.volume import embeddings
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device")
+
+    enc = Encoder()
+    c = cache(encoder=enc, cache_dir=tmp_path)
+    c.get(0)  # opens the store (manifest) before the disk "fills up"
+    monkeypatch.setattr(embeddings, "_atomic_write", full_disk)
+    with pytest.warns(RuntimeWarning, match=r"could not store the embedding of slice 1 in .*"):
+        emb, _, _ = c.get(1)
+    assert emb.shape == (1, 256, E, E) and enc.calls == 2
+    c.clear_memory()
+    monkeypatch.undo()
+    c.get(1)  # nothing was stored under the slice's name: encoded again
+    assert enc.calls == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from napari_sam.volume.sam2_features import POSITIONS, FeatureCache
@@ -80,3 +81,19 @@ def test_disk_store_round_trip_and_damage(tmp_path):
     other_axis = _cache(_Model(), vol, cache_dir=tmp_path, axis=2)
     assert other_axis.store_path != cache.store_path
     assert other_axis.get(3)["backbone_fpn"][0].shape == (1, 2, 16, 16)
+
+
+def test_features_that_cannot_be_stored_warn_and_are_still_served(tmp_path, monkeypatch):
+    from napari_sam.volume import embeddings
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device")
+
+    model, vol = _Model(), _volume()
+    cache = _cache(model, vol, cache_dir=tmp_path, max_memory_slices=0)
+    cache.get(0)  # the store and its position encodings are written first
+    monkeypatch.setattr(embeddings, "_atomic_write", full_disk)
+    with pytest.warns(RuntimeWarning, match=r"could not store the features of slice 3 in"):
+        features = cache.get(3)
+    assert [t.shape[1] for t in features["backbone_fpn"]] == [2, 3, 5] and model.encoded == 2
+    assert not cache.stored(3)

@@ -475,14 +475,18 @@ class EmbeddingCache:
                 input_size=np.array(input_size, dtype=np.int64),
             )
 
+        self._write_slice(index, write, "embedding")
+
+    def _write_slice(self, index: int, write: Callable[[BinaryIO], None], what: str) -> None:
+        """Store one slice's file atomically; a full or read-only disk only costs the cache."""
         try:
             _atomic_write(self._slice_path(index), write)
         except OSError as exc:
             warnings.warn(
-                f"could not store the embedding of slice {index} in {self.cache_dir}: {exc}; "
+                f"could not store the {what} of slice {index} in {self.cache_dir}: {exc}; "
                 "continuing without the disk cache for it",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
 

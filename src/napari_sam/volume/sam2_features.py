@@ -184,14 +184,4 @@ class FeatureCache(EmbeddingCache):
         def write(f: BinaryIO) -> None:
             np.savez(f, original_size=np.array(self.slice_shape, dtype=np.int64), **arrays)
 
-        try:
-            _atomic_write(self._slice_path(index), write)
-        except OSError as exc:
-            import warnings
-
-            warnings.warn(
-                f"could not store the features of slice {index} in {self.cache_dir}: {exc}; "
-                "continuing without the disk cache for it",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        self._write_slice(index, write, "features")
