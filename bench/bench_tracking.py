@@ -6,6 +6,8 @@ weights (drawn at the real size) in both implementations:
 
 - ours: ``napari_sam.volume.tracking.VolumeTracker`` over a ``FeatureCache``, on the project's
   ``Sam2`` (``napari_sam.models.sam2.build.build_sam2``);
+- fast: the same tracker on ``napari_sam.speed.optimize_sam2(model, "bf16")`` (image encoder,
+  memory attention under bfloat16 autocast, float32 outputs);
 - reference: ``sam2.sam2_video_predictor.SAM2VideoPredictor`` driven the same way
   (``add_new_points_or_box`` on the middle slice, ``propagate_in_video`` forward, then in
   reverse), its ``inference_state["images"]`` replaced by the tensors our preprocessing makes,
@@ -174,14 +176,19 @@ def child(args: argparse.Namespace) -> None:
     mid = args.slices // 2
     point = click()
     state_dict = torch.load(args.weights, weights_only=True)
-    impls = ["ours", "ref"] if args.impl == "both" else [args.impl]
+    impls = ["ours", "fast", "ref"] if args.impl == "all" else [args.impl]
     runs = {}
     for impl in impls:
-        if impl == "ours":
+        if impl in ("ours", "fast"):
             model = build_sam2(spec).eval()
         else:
             model = _reference_model(spec.image_size)
         model.load_state_dict(state_dict, strict=True)
+        if impl == "fast":
+            from napari_sam.speed.sam2 import FastSam2
+
+            # Not optimize_sam2: the bench runs bf16 whatever this CPU's flags say.
+            model = FastSam2.from_exact(model)
         runs[impl] = {"model": model, "timer": PartTimer(model), "wall": 0.0, "logits": {}}
     with torch.inference_mode():
         warm = torch.randn(1, 3, spec.image_size, spec.image_size)
@@ -192,14 +199,15 @@ def child(args: argparse.Namespace) -> None:
             ref["steps"] = _reference(
                 ref["model"], _reference_state(ref["model"], vol, spec.image_size), mid, point
             )
-        if "ours" in runs:
-            runs["ours"]["steps"] = _ours(runs["ours"]["model"], vol, mid, point)
+        for impl in ("ours", "fast"):
+            if impl in runs:
+                runs[impl]["steps"] = _ours(runs[impl]["model"], vol, mid, point)
         for run in runs.values():
             run["timer"].reset()  # the warm-up (and the reference's init_state) encoded once
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         for i in range(args.slices):
-            # Alternate who goes first, so neither always meets the other's cache state.
-            for impl in impls if i % 2 == 0 else impls[::-1]:
+            # Rotate who goes first, so none always meets another's cache state.
+            for impl in impls[i % len(impls) :] + impls[: i % len(impls)]:
                 run = runs[impl]
                 t0 = time.perf_counter()
                 index, logits = next(run["steps"])
@@ -264,38 +272,64 @@ def _fmt_load(load) -> str:
     return " ".join(f"{x:.1f}" for x in load)
 
 
+def _agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mask agreement of two ``slices x H x W`` logit stacks: pixels, per-slice IoU, logits."""
+    ma, mb = a > 0, b > 0
+    inter = np.logical_and(ma, mb).sum(axis=(1, 2))
+    union = np.logical_or(ma, mb).sum(axis=(1, 2))
+    ious = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return {
+        "pixels": float((ma == mb).mean()),
+        "min_iou": float(ious.min()),
+        "mean_iou": float(ious.mean()),
+        "max_logit_diff": float(np.abs(a - b).max()),
+    }
+
+
 def _report(name: str, size: int, runs: dict, masks: dict) -> dict:
     """Print one model's table (best repetition of each) and return its summary."""
-    best = {k: min(v, key=lambda r: r["per_slice_s"]) for k, v in runs.items()}
-    ratios = [a["per_slice_s"] / b["per_slice_s"] for a, b in zip(runs["ref"], runs["ours"])]
-    agree = float(((masks["ours"] > 0) == (masks["ref"] > 0)).mean())
-    diff = float(np.abs(masks["ours"] - masks["ref"]).max())
-    fraction = float((masks["ref"] > 0).mean())
-    print(f"{name} (input {size} px), lockstep, best of {len(ratios)}, seconds per slice:")
-    print(f"  {'part':18s} {'ours':>8s} {'ref':>8s} {'ref/ours':>8s}")
+    impls = [k for k in ("ours", "fast", "ref") if runs.get(k)]
+    best = {k: min(runs[k], key=lambda r: r["per_slice_s"]) for k in impls}
+
+    def ratio(impl: str) -> list[float]:
+        return [a["per_slice_s"] / b["per_slice_s"] for a, b in zip(runs["ref"], runs[impl])]
+
+    print(f"{name} (input {size} px), lockstep, best of {len(runs['ref'])}, seconds per slice:")
+    print("  " + f"{'part':18s}" + "".join(f"{k:>8s}" for k in impls) + "  ref/ours ref/fast")
     for part in [*PARTS, "other"]:
-        if part == "other":
-            o, f = best["ours"]["other_per_slice_s"], best["ref"]["other_per_slice_s"]
-        else:
-            o, f = best["ours"]["parts_per_slice_s"][part], best["ref"]["parts_per_slice_s"][part]
-        print(f"  {part:18s} {o:8.3f} {f:8.3f} {f / o if o > 0 else float('nan'):8.2f}")
-    o, f = best["ours"]["per_slice_s"], best["ref"]["per_slice_s"]
+        row = [
+            r["other_per_slice_s"] if part == "other" else r["parts_per_slice_s"][part]
+            for r in (best[k] for k in impls)
+        ]
+        f = row[-1]
+        print(
+            f"  {part:18s}"
+            + "".join(f"{x:8.3f}" for x in row)
+            + "".join(f"{f / x if x > 0 else float('nan'):9.2f}" for x in row[:-1])
+        )
+    totals = [best[k]["per_slice_s"] for k in impls]
     print(
-        f"  {'total':18s} {o:8.3f} {f:8.3f} {f / o:8.2f}   "
-        f"(per-repetition ratios {', '.join(f'{x:.2f}' for x in ratios)})"
+        f"  {'total':18s}"
+        + "".join(f"{x:8.3f}" for x in totals)
+        + "".join(f"{totals[-1] / x:9.2f}" for x in totals[:-1])
     )
-    print(
-        f"  masks: {agree:.5f} of pixels agree, max |logit diff| {diff:.2e}, "
-        f"object on {fraction:.3f} of pixels"
-    )
-    return {
-        "model": name,
-        "image_size": size,
-        "runs": runs,
-        "ratios": ratios,
-        "agreement": agree,
-        "max_logit_diff": diff,
-    }
+    summary: dict = {"model": name, "image_size": size, "runs": runs}
+    for impl in impls[:-1]:
+        rs = ratio(impl)
+        summary[f"ratios_{impl}"] = rs
+        print(f"  ref/{impl} per repetition: {', '.join(f'{x:.2f}' for x in rs)}")
+    pairs = [("ours", "ref"), ("fast", "ref"), ("fast", "ours")]
+    for a, b in pairs:
+        if a in masks and b in masks:
+            agree = _agreement(masks[a], masks[b])
+            summary[f"agreement_{a}_{b}"] = agree
+            print(
+                f"  masks {a} vs {b}: {agree['pixels']:.5f} of pixels agree, per-slice IoU "
+                f"min {agree['min_iou']:.4f} mean {agree['mean_iou']:.4f}, "
+                f"max |logit diff| {agree['max_logit_diff']:.2e}"
+            )
+    print(f"  object on {float((masks['ref'] > 0).mean()):.3f} of pixels (reference)")
+    return summary
 
 
 def main() -> None:
@@ -311,7 +345,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write all results here")
-    parser.add_argument("--child", choices=["ours", "ref", "both"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ours", "fast", "ref", "all"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -339,10 +373,10 @@ def main() -> None:
             size = _image_size(name)
             weights = os.path.join(tmp, f"{name}.pt")
             torch.save(_reference_model(size).state_dict(), weights)
-            runs: dict[str, list[dict]] = {"ours": [], "ref": []}
+            runs: dict[str, list[dict]] = {"ours": [], "fast": [], "ref": []}
             for rep in range(args.repeats):
                 out = os.path.join(tmp, name)
-                both = _run_child("both", name, args.slices, args, weights, out)
+                both = _run_child("all", name, args.slices, args, weights, out)
                 for impl, r in both.items():
                     runs[impl].append(r)
                     print(
@@ -357,7 +391,7 @@ def main() -> None:
             if memory_slices:
                 # Peak RSS needs one implementation per process; these runs also time each
                 # alone (less paired than the lockstep figures).
-                for impl in ("ref", "ours"):
+                for impl in ("ref", "ours", "fast"):
                     r = _run_child(
                         impl, name, memory_slices, args, weights, os.path.join(tmp, "mem")
                     )[impl]

@@ -130,7 +130,7 @@ def test_segment_command_tracks_with_a_sam2_checkpoint(model, tmp_path):
     nib.save(nib.Nifti1Image(np.transpose(_volume(), (2, 1, 0)), affine), scan)
     out = tmp_path / "labels.nii.gz"
     argv = ["segment", str(scan), "--slice", "4", "--point", "18", "22", "--model"]
-    # The command line's default precision ("auto") keeps a SAM 2 model exact.
+    # The command line's default precision ("auto"): exact, or bf16 on CPUs with AMX.
     assert main([*argv, str(checkpoint), "--no-cache", "-o", str(out), "--quiet"]) == 0
     labels = read_nifti(out).data
     assert labels.shape == (Z, H, W) and set(np.unique(labels)) <= {0, 1}

@@ -38,6 +38,14 @@ Precisions
     What :func:`choose_precision` picks: the fastest that keeps masks at IoU >= 0.99 with the
     exact path on this project's agreement tests (``"fp32"`` on CPUs, ``"bf16"`` on CUDA).
 
+SAM 2
+-----
+SAM 2 models have one fast precision, ``"bf16"``: :func:`optimize_sam2` (or
+:func:`with_precision`) returns a :class:`~napari_sam.speed.sam2.FastSam2`, whose image encoder
+and memory attention run under bfloat16 autocast with float32 outputs.
+``"fp32"`` and ``"exact"`` are the model itself (its float32 path is already the exact one);
+``"auto"`` is :func:`choose_sam2_precision`; ``"int8"`` is for SAM 1 only.
+
 Embeddings from a fast model differ slightly from exact ones: cache them under
 ``FastSam.encoder_settings`` (``EmbeddingCache(..., encoder_settings=encoder_settings(model))``).
 Whether a model (or any module) is a fast one: :func:`is_fast`; callers ask that, never the
@@ -83,9 +91,11 @@ __all__ = [
     "capabilities",
     "check_precision",
     "choose_precision",
+    "choose_sam2_precision",
     "encoder_settings",
     "is_fast",
     "optimize",
+    "optimize_sam2",
     "with_precision",
 ]
 
@@ -236,6 +246,67 @@ def optimize(model: nn.Module, precision: Precision | str = "auto") -> FastSam:
     return FastSam.from_exact(model, precision=precision)
 
 
+def choose_sam2_precision(model: nn.Module, device: str | torch.device | None = None) -> str:
+    """The precision ``"auto"`` means for a SAM 2 model on ``device`` (default: the model's).
+
+    ``"bf16"`` where bfloat16 is faster than float32 (:attr:`Capabilities.bf16_fast`: a CPU
+    with AMX tiles, or CUDA with bf16), ``"fp32"`` (the exact model) elsewhere. On AMX the
+    bf16 tracking path measured 2x the float32 one with masks agreeing to 99.9 % of pixels
+    (docs/performance.md, "SAM 2.1 tracking"); on CPUs with AVX-512 BF16 but no AMX, bf16
+    GEMMs measured at about half the float32 rate in this project, so float32 stays.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    return "bf16" if capabilities(device).bf16_fast else "fp32"
+
+
+def optimize_sam2(model: nn.Module, precision: str = "auto") -> nn.Module:
+    """The SAM 2 model to run at ``precision``: the exact model, or its bfloat16 twin.
+
+    Parameters
+    ----------
+    model : Sam2
+        An exact SAM 2 model (not modified; a twin shares its parameters).
+    precision : {"auto", "fp32", "bf16"}
+        ``"fp32"``: ``model`` itself (the exact path is SAM 2's float32 path);
+        ``"bf16"``: a :class:`~napari_sam.speed.sam2.FastSam2` (image encoder and memory
+        attention under bfloat16 autocast, float32 outputs);
+        ``"auto"``: :func:`choose_sam2_precision`.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` or its twin, in eval mode; a twin's ``precision`` says what was chosen.
+
+    Raises
+    ------
+    ValueError
+        For ``"int8"`` (SAM 1 only), an unknown precision, bf16 on a device without it, or a
+        model that is already a twin of another precision.
+    """
+    from napari_sam.speed.sam2 import FastSam2
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(
+            f"SAM 2 models take precision 'auto', 'fp32', 'bf16' or 'exact'; got {precision!r}"
+        )
+    if is_fast(model):
+        current = str(getattr(model, "precision", ""))
+        if precision in ("auto", current):
+            return model
+        raise ValueError(
+            f"this model is already a fast model ({current}); call optimize_sam2() on the "
+            "exact model to get another precision"
+        )
+    device = _model_device(model)
+    if precision == "auto":
+        precision = choose_sam2_precision(model, device)
+    if precision == "fp32":
+        return model
+    if not capabilities(device).bf16:
+        raise ValueError(f"{device} has no bfloat16 support; use precision='fp32' or 'auto'")
+    return FastSam2.from_exact(model, precision=precision)
+
+
 def check_precision(precision: str) -> None:
     """Raise ``ValueError``, naming the valid choices, for an unknown precision.
 
@@ -263,13 +334,11 @@ def with_precision(model: nn.Module, precision: str = "auto") -> nn.Module:
     """
     check_precision(precision)
     if getattr(getattr(model, "spec", None), "family", None) == "sam2":
-        # No fast SAM 2 yet: "auto" (the fastest path with the exact masks) is the model itself.
-        if precision not in ("exact", "auto"):
-            raise ValueError(
-                f"precision {precision!r} is for SAM 1 models; SAM 2 models run exact "
-                "(choose 'exact' or 'auto')"
-            )
-        return model
+        if precision == "exact":
+            if is_fast(model):
+                raise ValueError("this model is already a fast model; pass the exact model")
+            return model
+        return optimize_sam2(model, precision)
     if precision == "exact":
         if is_fast(model):
             raise ValueError("this model is already a fast model; pass the exact model instead")
