@@ -13,8 +13,9 @@ weights (drawn at the real size) in both implementations:
   reverse), its ``inference_state["images"]`` replaced by the tensors our preprocessing makes,
   so both see identical inputs.
 
-Each run is a fresh subprocess (so its peak RSS is its own); implementations alternate, the
-order swapped every repetition. Parts are timed with forward hooks on the model's submodules
+The timed run is one subprocess holding all three models, stepping them in lockstep (one slice
+of each in turn, who goes first rotating every slice); peak RSS comes from further runs, one
+implementation per subprocess. Parts are timed with forward hooks on the model's submodules
 (same attribute names in both): image encoder, memory attention, prompt encoder + mask decoder,
 memory encoder; "other" is the rest (preprocessing, object pointers, bookkeeping, upscaling).
 
@@ -364,8 +365,8 @@ def main() -> None:
     print(f"machine: {info}")
     print(
         f"volume: {args.slices} x 512 x 512, click on slice {args.slices // 2}, "
-        f"{args.threads} threads; timing: ours and the reference in one process, one slice "
-        f"each in turn, {args.repeats} repetition(s)"
+        f"{args.threads} threads; timing: ours (fp32, bf16) and the reference in one process, "
+        f"one slice each in turn, {args.repeats} repetition(s)"
     )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
