@@ -218,3 +218,34 @@ def test_official_checkpoint_files_load_strictly(tmp_path):
     # A SAM 1 name for a SAM 2 file says what the file is.
     with pytest.raises(ValueError, match=r"sam2\.1_hiera_tiny"):
         load_model(path, model_type="vit_b", device="cpu")
+
+
+def test_narrow_heads_are_built_detected_and_round_trip(tmp_path):
+    """head_kwargs narrow the parts after the encoder; the widths are read back from the
+    tensors, so a file whose embedded spec lies about them is refused."""
+    from napari_sam.models.sam2.detect import head_layout
+    from napari_sam.weights import load_model, save_checkpoint
+
+    heads = {"d_model": 64, "memory_layers": 1, "memory_mlp_dim": 96, "decoder_mlp_dim": 80}
+    spec = _custom_spec().replace(head_kwargs=heads)
+    torch.manual_seed(0)
+    model = build_sam2(spec)
+    sd = model.state_dict()
+    assert model.hidden_dim == 64 and len(model.memory_attention.layers) == 1
+    assert sd["memory_attention.layers.0.linear1.weight"].shape == (96, 64)
+    assert head_layout(sd) == heads
+    assert head_layout(_meta_state_dict(get_spec("sam2.1_hiera_tiny"))) == {}
+    assert detect_sam2_spec(sd).head_kwargs == heads
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    loaded = load_model(save_checkpoint(model, tmp_path / "narrow.pth"), device="cpu")
+    assert loaded.spec == spec
+    assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
+    liar = save_checkpoint(model, tmp_path / "liar.pth", spec=spec.replace(head_kwargs={}))
+    with pytest.raises(ValueError, match="tensors are those of"):
+        load_model(liar, device="cpu")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        build_sam2(spec.replace(head_kwargs={"d_model": 96}))
+    with pytest.raises(ValueError, match="unknown head_kwargs"):
+        spec.replace(head_kwargs={"width": 3})
+    with pytest.raises(ValueError, match="SAM 2 family only"):
+        get_spec("vit_b").replace(head_kwargs={"d_model": 64})

@@ -27,6 +27,14 @@ EncoderKind = Literal["vit", "tiny_vit", "hiera"]
 Preprocessing = Literal["sam", "medsam", "sam2"]
 _ENCODERS = {"sam": ("vit", "tiny_vit"), "sam2": ("hiera",)}
 
+SAM2_HEAD_DEFAULTS: dict[str, int] = {
+    "d_model": 256,
+    "memory_layers": 4,
+    "memory_mlp_dim": 2048,
+    "decoder_mlp_dim": 2048,
+}
+"""SAM 2.1's head widths (``ModelSpec.head_kwargs`` overrides them)."""
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -72,6 +80,12 @@ class ModelSpec:
         ``"sam"``: SAM / MobileSAM / MedSAM (built by ``models.build.build_sam``).
         ``"sam2"``: SAM 2.1 and MedSAM2, with memory for tracking
         (``models.sam2.build.build_sam2``).
+    head_kwargs : mapping
+        Widths of the parts after the image encoder, for the SAM 2 family only (empty: SAM
+        2.1's, as every released model has them): ``d_model`` (neck, prompt encoder, mask
+        decoder and memory attention, 256), ``memory_layers`` (memory-attention layers, 4),
+        ``memory_mlp_dim`` (their feed-forward width, 2048) and ``decoder_mlp_dim`` (the mask
+        decoder transformer's, 2048). The SAM 2 test fixture is narrower to stay small.
     """
 
     name: str
@@ -91,8 +105,17 @@ class ModelSpec:
     hub_revision: str | None = None
     hub_files: Mapping[str, str | None] = field(default_factory=dict)
     family: Family = "sam"
+    head_kwargs: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        unknown_heads = set(self.head_kwargs) - set(SAM2_HEAD_DEFAULTS)
+        if unknown_heads:
+            raise ValueError(
+                f"model {self.name!r}: unknown head_kwargs {sorted(unknown_heads)}; known: "
+                f"{sorted(SAM2_HEAD_DEFAULTS)}"
+            )
+        if self.head_kwargs and self.family != "sam2":
+            raise ValueError(f"model {self.name!r}: head_kwargs are for the SAM 2 family only")
         if self.family not in _ENCODERS:
             raise ValueError(f"unknown model family {self.family!r}; expected 'sam' or 'sam2'")
         step = 32 if self.family == "sam2" else 16
@@ -130,12 +153,18 @@ class ModelSpec:
         """Side of the low-resolution mask logits and of ``mask_input`` (256 officially)."""
         return 4 * self.embedding_size
 
+    @property
+    def heads(self) -> dict[str, int]:
+        """SAM 2 head widths: :data:`SAM2_HEAD_DEFAULTS` updated by ``head_kwargs``."""
+        return {**SAM2_HEAD_DEFAULTS, **self.head_kwargs}
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain, JSON-serialisable values (tuples in ``encoder_kwargs`` as lists)."""
         d = dataclasses.asdict(self)
         d["encoder_kwargs"] = {
             k: list(v) if isinstance(v, tuple) else v for k, v in self.encoder_kwargs.items()
         }
+        d["head_kwargs"] = dict(self.head_kwargs)
         return d
 
     def to_json(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,11 +31,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "click_and_box_ious",
+    "dice",
     "evaluate",
     "iou",
     "negative_click_gains",
+    "propagation_dice",
     "propagation_ious",
     "scene_cases",
+    "tracking_cases",
+    "tracking_dice",
 ]
 
 
@@ -217,3 +221,68 @@ def evaluate(model: Sam, seed: int, n_cases: int = 50) -> dict[str, float]:
         "propagation_core_iou_mean": round(float(np.mean(core)), 4) if len(core) else float("nan"),
         "propagation_core_iou_min": round(float(np.min(core)), 4) if len(core) else float("nan"),
     }
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient of two boolean arrays of any shape (1.0 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def tracking_cases(
+    seed: int, n_volumes: int, shape: tuple[int, int, int] = (24, 144, 176)
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Held-out volumes for volume-wise comparisons: ``(volume, truth of object 1, start)``.
+
+    ``start`` is the slice of the object's largest cross-section, where both the SAM 1
+    propagation and SAM 2 tracking get the object's true mask as their one prompt.
+    """
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n_volumes):
+        volume, labels = ellipsoid_volume(rng, shape, n_objects=2)
+        truth = labels == 1
+        cases.append((volume, truth, int(np.argmax(truth.sum(axis=(1, 2))))))
+    return cases
+
+
+def propagation_dice(model: Sam, cases: list[tuple[np.ndarray, np.ndarray, int]]) -> list[float]:
+    """Volume Dice of SAM 1 propagation (``napari_sam.volume.propagation.propagate``).
+
+    Seeded with the true mask on each case's start slice; the walk stops by its own rules, as
+    in the widget.
+    """
+    from napari_sam.volume.embeddings import EmbeddingCache
+    from napari_sam.volume.propagation import propagate
+
+    predictor = SamPredictor(model)
+    out = []
+    for volume, truth, start in cases:
+        cache = EmbeddingCache(model, volume)
+        found = np.zeros_like(truth)
+        found[start] = truth[start]
+        for step in propagate(cache, predictor, {1: {start: truth[start]}}):
+            if 1 in step.masks:
+                found[step.index] = step.masks[1]
+        out.append(dice(found, truth))
+    return out
+
+
+def tracking_dice(
+    model: Any, cases: list[tuple[np.ndarray, np.ndarray, int]], stop_after: int = 2
+) -> list[float]:
+    """Volume Dice of SAM 2 tracking (:func:`~napari_sam.volume.tracking.track_volume`).
+
+    Prompted with the true mask on each case's start slice, tracked up and down; an object
+    absent on ``stop_after`` slices in a row ends its walk.
+    """
+    from napari_sam.volume.tracking import Prompt, track_volume
+
+    out = []
+    for volume, truth, start in cases:
+        found = np.zeros_like(truth)
+        prompt = Prompt(slice=start, obj_id=1, mask=truth[start])
+        for step in track_volume(model, volume, [prompt], stop_after=stop_after):
+            found[step.slice] = step.label_image() == 1
+        out.append(dice(found, truth))
+    return out

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -253,13 +253,17 @@ class Trainer:
 
     # -- set-up -----------------------------------------------------------------------------
 
+    # What each ``trainable`` setting trains, by parameter-name prefix (a subclass for another
+    # model family names its own modules here).
+    PARTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "iou_head": ("mask_decoder.iou_prediction_head",),
+        "decoder": ("mask_decoder",),
+        "decoder+prompt": ("mask_decoder", "prompt_encoder"),
+        "all": ("mask_decoder", "prompt_encoder", "image_encoder"),
+    }
+
     def _select_trainable(self) -> list[torch.nn.Parameter]:
-        parts = {
-            "iou_head": ("mask_decoder.iou_prediction_head",),
-            "decoder": ("mask_decoder",),
-            "decoder+prompt": ("mask_decoder", "prompt_encoder"),
-            "all": ("mask_decoder", "prompt_encoder", "image_encoder"),
-        }[self.config.trainable]
+        parts = self.PARTS[self.config.trainable]
         params = []
         for name, param in self.model.named_parameters():
             train = any(name.startswith(part + ".") for part in parts)
@@ -445,14 +449,7 @@ class Trainer:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, mask_loss, iou_loss, first_ious = self._batch_loss(images, targets)
 
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self._trainable, cfg.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
+        lr = self._optimise(loss)
         return StepResult(
             step=self.step,
             loss=float(loss.detach()),
@@ -462,6 +459,18 @@ class Trainer:
             seconds=time.perf_counter() - start,
             extra={"first_prompt_iou": float(np.mean(first_ious)) if first_ious else 0.0},
         )
+
+    def _optimise(self, loss: torch.Tensor) -> float:
+        """Backpropagate ``loss`` and take one optimiser and schedule step; the lr it used."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._trainable, self.config.grad_clip)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return lr
 
     def _batch_loss(
         self, images: torch.Tensor, targets: list[_Target]

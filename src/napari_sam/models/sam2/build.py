@@ -1,8 +1,10 @@
 """Build a :class:`Sam2` from a :class:`~napari_sam.registry.ModelSpec` (SAM 2.1 layout).
 
 Everything except the Hiera trunk is the same in the four official sizes and MedSAM2; the
-values below are those of SAM 2.1's released configurations. ``image_size`` comes from the
-spec (1024 officially, 512 for MedSAM2, any multiple of 32 for tests).
+values below are those of SAM 2.1's released configurations, and the head widths come
+from ``spec.heads`` (SAM 2.1's unless ``spec.head_kwargs`` narrows them, as for the test
+fixture). ``image_size`` comes from the spec (1024 officially, 512 for MedSAM2, any multiple
+of 32 for tests).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from napari_sam.registry import ModelSpec, get_spec
 
 __all__ = ["build_sam2", "build_sam2_modules"]
 
-D_MODEL = 256  # width of the neck, the SAM heads and the memory attention
 MEM_DIM = 64  # width of the memories
 BACKBONE_STRIDE = 16
 
@@ -59,6 +60,14 @@ def build_sam2_modules(
     if size % 32:
         raise ValueError(f"SAM 2 needs an image size that is a multiple of 32, got {size}")
     grid = size // BACKBONE_STRIDE
+    heads = spec.heads
+    d_model = int(heads["d_model"])
+    if d_model % MEM_DIM:
+        # Object pointers (d_model wide) join the memory as d_model / 64 tokens of 64.
+        raise ValueError(
+            f"model spec {spec.name!r}: head_kwargs d_model must be a multiple of {MEM_DIM}, "
+            f"got {d_model}"
+        )
     hiera_kwargs = dict(spec.encoder_kwargs)
     unknown = [k for k in ATTENTION_KEYS if k not in hiera_kwargs]
     if unknown:
@@ -70,8 +79,8 @@ def build_sam2_modules(
         )
     trunk = Hiera(**hiera_kwargs)
     neck = FpnNeck(
-        position_encoding=PositionEmbeddingSine(D_MODEL),
-        d_model=D_MODEL,
+        position_encoding=PositionEmbeddingSine(d_model),
+        d_model=d_model,
         backbone_channel_list=trunk.channel_list,
         fpn_top_down_levels=(2, 3),
         fpn_interp_model="nearest",
@@ -80,7 +89,7 @@ def build_sam2_modules(
 
     def rope(**kwargs: Any) -> RoPEAttention:
         return RoPEAttention(
-            D_MODEL,
+            d_model,
             1,
             downsample_rate=1,
             dropout=0.1,
@@ -90,27 +99,27 @@ def build_sam2_modules(
         )
 
     memory_attention = MemoryAttention(
-        d_model=D_MODEL,
+        d_model=d_model,
         pos_enc_at_input=True,
         layer=MemoryAttentionLayer(
             activation="relu",
             cross_attention=rope(rope_k_repeat=True, kv_in_dim=MEM_DIM),
-            d_model=D_MODEL,
-            dim_feedforward=2048,
+            d_model=d_model,
+            dim_feedforward=int(heads["memory_mlp_dim"]),
             dropout=0.1,
             pos_enc_at_attn=False,
             pos_enc_at_cross_attn_keys=True,
             pos_enc_at_cross_attn_queries=False,
             self_attention=rope(),
         ),
-        num_layers=4,
+        num_layers=int(heads["memory_layers"]),
     )
     memory_encoder = MemoryEncoder(
         out_dim=MEM_DIM,
-        mask_downsampler=MaskDownSampler(embed_dim=D_MODEL, kernel_size=3, stride=2, padding=1),
-        fuser=Fuser(CXBlock(D_MODEL, kernel_size=7, padding=3), num_layers=2),
+        mask_downsampler=MaskDownSampler(embed_dim=d_model, kernel_size=3, stride=2, padding=1),
+        fuser=Fuser(CXBlock(d_model, kernel_size=7, padding=3), num_layers=2),
         position_encoding=PositionEmbeddingSine(MEM_DIM),
-        in_dim=D_MODEL,
+        in_dim=d_model,
     )
     settings: dict[str, Any] = {
         "num_maskmem": 7,
@@ -119,19 +128,23 @@ def build_sam2_modules(
         **sam2_kwargs,
     }
     prompt_encoder = PromptEncoder(
-        embed_dim=D_MODEL,
+        embed_dim=d_model,
         image_embedding_size=(grid, grid),
         input_image_size=(size, size),
         mask_in_chans=16,
     )
     mask_decoder = Sam2MaskDecoder(
-        transformer_dim=D_MODEL,
+        transformer_dim=d_model,
         transformer=TwoWayTransformer(
-            depth=2, embedding_dim=D_MODEL, num_heads=8, mlp_dim=2048, mlp_block=_two_layer_mlp
+            depth=2,
+            embedding_dim=d_model,
+            num_heads=8,
+            mlp_dim=int(heads["decoder_mlp_dim"]),
+            mlp_block=_two_layer_mlp,
         ),
         num_multimask_outputs=3,
         iou_head_depth=3,
-        iou_head_hidden_dim=256,
+        iou_head_hidden_dim=d_model,
         use_high_res_features=settings.get("use_high_res_features_in_sam", True),
         iou_prediction_use_sigmoid=settings.get("iou_prediction_use_sigmoid", True),
         pred_obj_scores=settings.get("pred_obj_scores", True),

@@ -17,9 +17,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from napari_sam.registry import MODELS, ModelSpec
+from napari_sam.registry import MODELS, SAM2_HEAD_DEFAULTS, ModelSpec
 
-__all__ = ["ATTENTION_KEYS", "detect_sam2_spec", "same_layout", "trunk_layout"]
+__all__ = ["ATTENTION_KEYS", "detect_sam2_spec", "head_layout", "same_layout", "trunk_layout"]
 
 _TRUNK = "image_encoder.trunk."
 # Present in SAM 2.1 only (SAM 2.0 had neither the no-object spatial embedding nor the
@@ -66,6 +66,29 @@ def trunk_layout(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def head_layout(state_dict: Mapping[str, Any]) -> dict[str, int]:
+    """The head widths a SAM 2 state dict shows, where they differ from SAM 2.1's.
+
+    Returns
+    -------
+    dict
+        The entries of ``ModelSpec.head_kwargs`` (``d_model``, ``memory_layers``,
+        ``memory_mlp_dim``, ``decoder_mlp_dim``) whose value is not SAM 2.1's; empty for
+        every released model.
+    """
+    pattern = re.compile(r"memory_attention\.layers\.(\d+)\.")
+    layers = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
+    found = {
+        "d_model": _shape(state_dict, "no_mem_embed")[-1],
+        "memory_layers": len(layers),
+        "memory_mlp_dim": _shape(state_dict, "memory_attention.layers.0.linear1.weight")[0],
+        "decoder_mlp_dim": _shape(
+            state_dict, "sam_mask_decoder.transformer.layers.0.mlp.layers.0.weight"
+        )[0],
+    }
+    return {k: v for k, v in found.items() if v != SAM2_HEAD_DEFAULTS[k]}
+
+
 def detect_sam2_spec(state_dict: Mapping[str, Any]) -> ModelSpec | None:
     """The SAM 2.1 spec a state dict's layout gives, or None if it is no SAM 2.
 
@@ -102,12 +125,14 @@ def detect_sam2_spec(state_dict: Mapping[str, Any]) -> ModelSpec | None:
         "stages": layout["stages"],
         "window_pos_embed_bkg_spatial_size": layout["window_pos_embed_bkg_spatial_size"],
     }
+    heads = head_layout(state_dict)
     detected = ModelSpec(
         name=f"custom_hiera_e{layout['embed_dim']}_s{'-'.join(map(str, layout['stages']))}",
         family="sam2",
         encoder="hiera",
         encoder_kwargs=kwargs,
         preprocessing="sam2",
+        head_kwargs=heads,
         license="unknown",
         description="SAM 2.1 checkpoint with an unregistered Hiera trunk (attention layout "
         "unknown: heads and global blocks are not stored in weights).",
@@ -122,10 +147,10 @@ def detect_sam2_spec(state_dict: Mapping[str, Any]) -> ModelSpec | None:
 def same_layout(a: ModelSpec, b: ModelSpec) -> bool:
     """True when two SAM 2 specs give the same state-dict layout.
 
-    That is trunk width, stages and position-embedding grids: heads, global blocks and later
-    windows have no tensors, and the input size sizes none.
+    That is trunk width, stages, position-embedding grids and head widths: heads, global
+    blocks and later windows have no tensors, and the input size sizes none.
     """
-    if a.family != "sam2" or b.family != "sam2":
+    if a.family != "sam2" or b.family != "sam2" or a.heads != b.heads:
         return False
     ka, kb = dict(a.encoder_kwargs), dict(b.encoder_kwargs)
     same = (
