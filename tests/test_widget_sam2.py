@@ -77,7 +77,9 @@ def test_sam2_preview_commit_and_propagate_by_tracking(make_napari_viewer, qtbot
     assert isinstance(session.predictor, Sam2ImagePredictor)
     assert isinstance(session.cache, FeatureCache)
 
-    script = VolumeSession(volume, model=sam2_model, window="minmax")
+    # The same precision as the widget's (its default "auto" is bf16 on CPUs with AMX).
+    precision = widget.speed_combo.currentData() or "auto"
+    script = VolumeSession(volume, model=sam2_model, window="minmax", precision=precision)
     answer = script.preview(4, points=[[18, 22]])  # one click: three masks, the best shown
     best = answer.masks[int(np.argmax(answer.scores))]
     np.testing.assert_array_equal(widget.preview_layer.data[4].astype(bool), best)
