@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from napari_sam.models.sam2.build import build_sam2
 from napari_sam.registry import ModelSpec, _hiera
 from napari_sam.training.clip_trainer import ClipConfig, ClipTrainer
 from napari_sam.training.clips import Clip, SyntheticClips
+from volume_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 
 SPEC = ModelSpec(
     name="sam2_clip_test",
@@ -22,14 +22,6 @@ SPEC = ModelSpec(
     test_fixture=True,
 )
 CLIPS = SyntheticClips(frames=3, depth=(8, 12), side=(48, 64))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_clips_follow_one_object_from_a_prompted_slice():

@@ -120,6 +120,19 @@ def preprocess(
 
 
 @torch.no_grad()
+def stretch_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Stretch ``N x 1 x H x W`` masks (0/1) to ``size`` squared as frames are, binarised.
+
+    Antialiased so that a thin structure survives a shrink; unchanged when already square at
+    ``size``. Returns float 0/1.
+    """
+    masks = masks.float()
+    if tuple(masks.shape[-2:]) == (size, size):
+        return masks
+    out = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (out >= 0.5).float()
+
+
 def compute_features(model: Sam2Model, rgb: np.ndarray) -> Features:
     """Encode one ``H x W x 3`` uint8 slice: the model's ``forward_image`` output.
 

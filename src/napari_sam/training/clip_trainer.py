@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_sam.prompts import mask_to_box
-from napari_sam.sam2_predictor import _normalisation, preprocess
+from napari_sam.sam2_predictor import _normalisation, preprocess, stretch_masks
 from napari_sam.training import prompt_sim
 from napari_sam.training.clips import Clip
 from napari_sam.training.trainer import StepResult, TrainConfig, Trainer, _mask_losses
@@ -97,16 +97,6 @@ class ClipTrainer(Trainer):
         self.clip_config = config
         self.clip_source = source
 
-    def _select_trainable(self) -> list[torch.nn.Parameter]:
-        parts = self.PARTS[self.config.trainable]
-        params = []
-        for name, param in self.model.named_parameters():
-            train = any(name == part or name.startswith(part + ".") for part in parts)
-            param.requires_grad_(train)
-            if train:
-                params.append(param)
-        return params
-
     # -- one step -----------------------------------------------------------------------------
 
     def _frames(self, clips: list[Clip]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,26 +105,18 @@ class ClipTrainer(Trainer):
         size = int(model.image_size)
         mean, std = _normalisation(model)
         images = [preprocess(f, size, mean, std) for c in clips for f in c.frames]
-        # Stretched to S x S as the frames are (SAM 2's preprocessing has no padding).
+        # Stretched to S x S as the frames are, and as the tracker stretches a mask prompt.
         truth = torch.stack(
-            [
-                F.interpolate(
-                    torch.from_numpy(c.masks.astype(np.float32))[:, None],
-                    (size, size),
-                    mode="bilinear",
-                )[:, 0]
-                >= 0.5
-                for c in clips
-            ]
+            [stretch_masks(torch.from_numpy(c.masks)[:, None], size)[:, 0] > 0 for c in clips]
         )
         return torch.cat(images).to(self.device), truth.to(self.device)
 
-    def _prompt(self, first: torch.Tensor) -> tuple[dict | None, torch.Tensor | None, str]:
+    def _prompt(self, first: torch.Tensor) -> tuple[dict | None, torch.Tensor | None]:
         """Point inputs or a mask input for the first frames (``B x S x S`` truths)."""
         cfg: ClipConfig = self.clip_config
         rng = self.rng
         if rng.random() < cfg.p_mask:
-            return None, first[:, None].float(), "mask"
+            return None, first[:, None].float()
         truths = first.cpu().numpy()
         dev = self.device
         if rng.random() < cfg.p_box:
@@ -147,15 +129,11 @@ class ClipTrainer(Trainer):
             ]
             coords = torch.tensor(np.array(boxes, np.float32).reshape(-1, 2, 2), device=dev)
             labels = torch.tensor([[2, 3]] * len(boxes), dtype=torch.int64, device=dev)
-            return {"point_coords": coords, "point_labels": labels}, None, "box"
+            return {"point_coords": coords, "point_labels": labels}, None
         pick = prompt_sim.interior_point if rng.random() < 0.5 else prompt_sim.random_point
         points = np.array([pick(rng, m) for m in truths], np.float32)[:, None]
         labels = torch.ones(len(points), 1, dtype=torch.int64, device=dev)
-        return (
-            {"point_coords": torch.tensor(points, device=dev), "point_labels": labels},
-            None,
-            ("point"),
-        )
+        return {"point_coords": torch.tensor(points, device=dev), "point_labels": labels}, None
 
     def train_step(self) -> StepResult:
         """Draw a batch of clips, walk them, take one optimiser step."""
@@ -185,7 +163,7 @@ class ClipTrainer(Trainer):
         b, t, s = truth.shape[0], truth.shape[1], truth.shape[-1]
         backbone = model.forward_image(images)
         _, feats, pos, sizes = model._prepare_backbone_features(backbone)
-        point_inputs, mask_inputs, _ = self._prompt(truth[:, 0])
+        point_inputs, mask_inputs = self._prompt(truth[:, 0])
         output_dict: dict[str, dict[int, Any]] = {
             "cond_frame_outputs": {},
             "non_cond_frame_outputs": {},

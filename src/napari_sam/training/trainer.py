@@ -266,7 +266,8 @@ class Trainer:
         parts = self.PARTS[self.config.trainable]
         params = []
         for name, param in self.model.named_parameters():
-            train = any(name.startswith(part + ".") for part in parts)
+            # A part is a module (its parameters) or one parameter (SAM 2's embeddings).
+            train = any(name == part or name.startswith(part + ".") for part in parts)
             param.requires_grad_(train)
             if train:
                 params.append(param)

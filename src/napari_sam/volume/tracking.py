@@ -57,7 +57,7 @@ from numpy.typing import ArrayLike
 
 from napari_sam.intensity import Window
 from napari_sam.predictor import check_prompts
-from napari_sam.sam2_predictor import Sam2Model, fill_small_regions
+from napari_sam.sam2_predictor import Sam2Model, fill_small_regions, stretch_masks
 from napari_sam.volume.embeddings import Cancel, _is_cancelled
 
 __all__ = ["Prompt", "TrackStep", "VolumeTracker", "track_volume"]
@@ -451,12 +451,8 @@ class VolumeTracker:
             mask = np.asarray(mask)
             if mask.shape != (h, w):
                 raise ValueError(f"mask must have the slice's shape {(h, w)}, got {mask.shape}")
-            m = torch.as_tensor(mask.astype(bool), device=self.model.device)[None, None].float()
-            if (h, w) != (s, s):
-                # Antialiased so that a thin structure survives the shrink, then binarised.
-                m = F.interpolate(m, (s, s), mode="bilinear", align_corners=False, antialias=True)
-                m = (m >= 0.5).float()
-            return {"mask_inputs": m}
+            m = torch.as_tensor(mask.astype(bool), device=self.model.device)[None, None]
+            return {"mask_inputs": stretch_masks(m, s)}
         coords, tags, corners, _ = check_prompts(points, labels, box, None, (h, w), s // 4)
         xy, kinds = [], []
         if corners is not None:
