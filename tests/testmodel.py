@@ -12,6 +12,10 @@ Usage in a test::
     model = load_test_model()          # cached per process: treat it as read-only
     predictor = SamPredictor(model)
 
+``sam2_test_tiny`` (``load_sam2_test_model()``) is its SAM 2 counterpart: a narrow SAM 2.1 with
+memory, trained by ``scripts/train_sam2_test_model.py`` on 8-frame clips of the same synthetic
+ellipsoid volumes (``tests/data/sam2_test_tiny.json``), for tests of SAM 2 tracking quality.
+
 Synthetic images like those it knows come from ``napari_sam.training.synthetic``
 (``synthetic_scene``, ``ellipsoid_volume``).
 """
@@ -25,6 +29,20 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parent / "data"
 TEST_MODEL_PATH = DATA / "sam_test_tiny.safetensors"
 TEST_MODEL_INFO = DATA / "sam_test_tiny.json"
+SAM2_TEST_MODEL_PATH = DATA / "sam2_test_tiny.safetensors"
+SAM2_TEST_MODEL_INFO = DATA / "sam2_test_tiny.json"
+
+
+def _load_fixture(path: Path, script: str):
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing; regenerate it with `nice -n 10 .venv/bin/python {script}`"
+        )
+    from napari_sam.weights import load_model
+
+    model = load_model(path, device="cpu")
+    model.requires_grad_(False)
+    return model
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,18 +52,25 @@ def load_test_model():
     Shared by all tests of a process: do not train it or change its weights in place (build
     your own copy with ``napari_sam.load_model(TEST_MODEL_PATH)`` for that).
     """
-    if not TEST_MODEL_PATH.exists():
-        raise FileNotFoundError(
-            f"{TEST_MODEL_PATH} is missing; regenerate it with "
-            "`nice -n 10 .venv/bin/python scripts/train_test_model.py` (about 30 minutes)"
-        )
-    from napari_sam.weights import load_model
-
-    model = load_model(TEST_MODEL_PATH, device="cpu")
-    model.requires_grad_(False)
-    return model
+    return _load_fixture(TEST_MODEL_PATH, "scripts/train_test_model.py")  # about 30 minutes
 
 
 def model_info() -> dict:
     """The recorded training settings and held-out metrics (tests/data/sam_test_tiny.json)."""
     return json.loads(TEST_MODEL_INFO.read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def load_sam2_test_model():
+    """The trained SAM 2 fixture ``sam2_test_tiny`` as a ``Sam2`` in eval mode on the CPU.
+
+    A narrow SAM 2.1 (Hiera widths 32-256, heads 128 wide, input 256) trained by
+    ``scripts/train_sam2_test_model.py`` on synthetic ellipsoid volumes only. Loaded once per
+    process and shared: treat it as read-only.
+    """
+    return _load_fixture(SAM2_TEST_MODEL_PATH, "scripts/train_sam2_test_model.py")
+
+
+def sam2_model_info() -> dict:
+    """Training settings and held-out metrics of the SAM 2 fixture (sam2_test_tiny.json)."""
+    return json.loads(SAM2_TEST_MODEL_INFO.read_text())
