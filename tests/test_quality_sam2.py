@@ -11,24 +11,13 @@ real code path; only the models are small.
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
 
 from napari_sam.training.evaluate import propagation_dice, tracking_cases, tracking_dice
 from testmodel import load_sam2_test_model, load_test_model, model_info, sam2_model_info
+from volume_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 
 SEED = 4246  # held out: the fixtures trained on other seeds (asserted below)
 N_VOLUMES = 8
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    # The tiny models gain nothing from two threads, and oversubscribed threads on a shared
-    # (CI) machine make them many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_sam2_fixture_is_a_test_model_trained_on_other_seeds():
@@ -40,7 +29,7 @@ def test_sam2_fixture_is_a_test_model_trained_on_other_seeds():
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
 
 
-def test_sam2_tracking_dice_beats_sam1_propagation_on_held_out_volumes(one_thread):
+def test_sam2_tracking_dice_beats_sam1_propagation_on_held_out_volumes():
     cases = tracking_cases(SEED, N_VOLUMES)
     sam2 = tracking_dice(load_sam2_test_model(), cases)
     sam1 = propagation_dice(load_test_model(), cases)

@@ -211,6 +211,21 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("every", "due"), [(2, [2, 4, 5]), (0, [5])])
+def test_checkpoint_due_every_n_steps_and_after_the_last(tmp_path, every, due):
+    trainer = Trainer(
+        tiny_model(seed=1), SyntheticSource(SMALL_SCENES), config(steps=5, checkpoint_every=every)
+    )
+    ckpt = tmp_path / "run.safetensors"
+    seen = []
+    for result in trainer.run(checkpoint=ckpt):
+        if trainer.checkpoint_due():
+            seen.append(result.step)
+            assert state_path(ckpt).exists()  # run() wrote it before yielding the step
+            assert torch.load(state_path(ckpt), weights_only=True)["step"] == result.step
+    assert seen == due
+
+
 def test_resume_without_state_is_a_clear_error(tmp_path):
     from napari_sam.weights import save_checkpoint
 

@@ -33,10 +33,11 @@ SAM2_TEST_MODEL_PATH = DATA / "sam2_test_tiny.safetensors"
 SAM2_TEST_MODEL_INFO = DATA / "sam2_test_tiny.json"
 
 
-def _load_fixture(path: Path, script: str):
+def _load_fixture(path: Path, script: str, duration: str):
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} is missing; regenerate it with `nice -n 10 .venv/bin/python {script}`"
+            f"{path} is missing; regenerate it with "
+            f"`nice -n 10 .venv/bin/python {script}` (about {duration})"
         )
     from napari_sam.weights import load_model
 
@@ -52,7 +53,7 @@ def load_test_model():
     Shared by all tests of a process: do not train it or change its weights in place (build
     your own copy with ``napari_sam.load_model(TEST_MODEL_PATH)`` for that).
     """
-    return _load_fixture(TEST_MODEL_PATH, "scripts/train_test_model.py")  # about 30 minutes
+    return _load_fixture(TEST_MODEL_PATH, "scripts/train_test_model.py", "30 minutes")
 
 
 def model_info() -> dict:
@@ -68,7 +69,7 @@ def load_sam2_test_model():
     ``scripts/train_sam2_test_model.py`` on synthetic ellipsoid volumes only. Loaded once per
     process and shared: treat it as read-only.
     """
-    return _load_fixture(SAM2_TEST_MODEL_PATH, "scripts/train_sam2_test_model.py")
+    return _load_fixture(SAM2_TEST_MODEL_PATH, "scripts/train_sam2_test_model.py", "80 minutes")
 
 
 def sam2_model_info() -> dict:

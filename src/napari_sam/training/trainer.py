@@ -503,15 +503,20 @@ class Trainer:
         With ``checkpoint``, a resumable checkpoint is written every ``checkpoint_every`` steps
         and at the end. Stopping the iteration stops training after the current step.
         """
-        every = self.config.checkpoint_every
         while self.step < self.config.steps:
             result = self.train_step()
-            if checkpoint is not None and (
-                self.step == self.config.steps or (every and self.step % every == 0)
-            ):
+            if checkpoint is not None and self.checkpoint_due():
                 self.save(checkpoint)
             yield result
         self.model.eval()
+
+    def checkpoint_due(self) -> bool:
+        """Whether :meth:`run` writes a checkpoint after the current step.
+
+        Every ``checkpoint_every`` steps (never when it is 0), and after the last step.
+        """
+        every = self.config.checkpoint_every
+        return self.step == self.config.steps or bool(every and self.step % every == 0)
 
     # -- checkpoints --------------------------------------------------------------------------
 
