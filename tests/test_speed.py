@@ -379,6 +379,33 @@ def test_int8_agrees_on_a_trained_model_with_real_objects():
     assert len(large) >= 10 and min(best) >= 0.97 and min(large) >= 0.97
 
 
+def test_int8_path_is_made_and_run_under_inference_mode(small_vit):
+    """A script that loads and speeds up its model inside ``torch.inference_mode`` gets int8.
+
+    Parameters made there are inference tensors, without a version counter: the int8 probe
+    used to fail on them and report the kernels missing, and packing crashed.
+    """
+    from napari_sam.speed.int8 import int8_available
+
+    if not speed.capabilities().int8:
+        pytest.skip("no CPU int8 kernels in this torch build")
+    x = torch.randn(1, 3, SMALL_VIT.image_size, SMALL_VIT.image_size)
+    with torch.no_grad():
+        expected = speed.optimize(small_vit, "int8").image_encoder(x)
+    int8_available.cache_clear()  # the probe runs again, this time under inference mode
+    with torch.inference_mode():
+        assert int8_available()
+        model = napari_sam.build_sam(SMALL_VIT)
+        model.load_state_dict(small_vit.state_dict())
+        assert next(model.parameters()).is_inference()
+        fast = speed.optimize(model.eval(), "int8")
+        assert torch.equal(fast.image_encoder(x), expected)
+        model.image_encoder.patch_embed.proj.weight = torch.nn.Parameter(
+            model.image_encoder.patch_embed.proj.weight * 0
+        )
+        assert not torch.equal(fast.image_encoder(x), expected)  # a new storage is seen
+
+
 def test_best_mask_is_the_best_of_three(small_vit):
     for p in (SamPredictor(small_vit), SamPredictor(small_vit, fast="fp32")):
         p.set_image(_image(120, 160))

@@ -159,7 +159,9 @@ class DerivedWeights:
     """Tensors computed from a module's parameters and buffers, recomputed when they change.
 
     The key is every source tensor's storage pointer and in-place version counter, so loading
-    a state dict (in place) or moving the model invalidates the derived copy.
+    a state dict (in place) or moving the model invalidates the derived copy. Inference tensors
+    (parameters made under ``torch.inference_mode``) have no version counter: for them only a
+    new storage (moving the model, or assigning new parameters) invalidates it.
 
     Parameters
     ----------
@@ -181,7 +183,11 @@ class DerivedWeights:
 
     def get(self) -> tuple[torch.Tensor, ...]:
         """The derived tensors, recomputed first if a source changed since the last call."""
-        key = tuple((t.data_ptr(), t._version, t.device) for t in self._sources() if t is not None)
+        key = tuple(
+            (t.data_ptr(), None if t.is_inference() else t._version, t.device)
+            for t in self._sources()
+            if t is not None
+        )
         if self._value is None or key != self._key:
             with torch.no_grad():
                 self._value = self._compute()
