@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_sam.amg_utils import calculate_stability_score
+from napari_sam.io.atomic import atomic_path
 
 if TYPE_CHECKING:
     from napari_sam.models.mask_decoder import MaskDecoder
@@ -258,15 +258,8 @@ def dummy_inputs(model: DecoderParts, num_points: int = 5) -> dict[str, torch.Te
 def _replace_atomically(write: Callable[[Path], None], output: Path) -> None:
     """Call ``write(tmp_path)``, then move the file into place; nothing is left on failure."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
-    # O_EXCL: never clobber another file; the mode follows the user's umask like a normal file.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    with atomic_path(output) as tmp:
         write(tmp)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _require(module: str) -> None:

@@ -9,12 +9,12 @@ Objects get labels ``--label``, ``--label + 1``, ... in the detector's order (be
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from napari_sam.io.atomic import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_sam.commands.segment import ObjectPrompts
@@ -203,21 +203,15 @@ def run_image(args: argparse.Namespace, phrases: list[str]) -> int:
 def write_labels_image(labels: np.ndarray, path: Path) -> None:
     """Write a 2-D labels image (uint8 when it fits) beside, then over, ``path``."""
     data = labels.astype(np.uint8) if labels.max() <= 255 else labels.astype(np.uint16)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     suffix = path.suffix.lower()
-    try:
-        with open(tmp, "xb") as f:
-            if suffix == ".npy":
-                np.save(f, data, allow_pickle=False)
-            elif suffix == ".png":
-                from PIL import Image
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if suffix == ".npy":
+            np.save(f, data, allow_pickle=False)
+        elif suffix == ".png":
+            from PIL import Image
 
-                Image.fromarray(data).save(f, format="PNG")
-            else:
-                import tifffile
+            Image.fromarray(data).save(f, format="PNG")
+        else:
+            import tifffile
 
-                tifffile.imwrite(f, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            tifffile.imwrite(f, data)

@@ -26,7 +26,6 @@ changed, so the labels line up with the image in any NIfTI reader.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt_mod
 from nibabel.arrayproxy import ArrayProxy
+
+from napari_sam.io.atomic import atomic_path
 
 __all__ = [
     "DISPLAY_AXES",
@@ -521,12 +522,6 @@ def image_from_display(
     return img
 
 
-def _temp_path(path: Path) -> Path:
-    # The temp name keeps the NIfTI suffix: nibabel decides on gzip from the file name.
-    suffix = nifti_suffix(path) or ".nii"
-    return path.with_name(f".{nifti_stem(path)}.tmp-{secrets.token_hex(4)}{suffix}")
-
-
 def write_labels(
     path: str | os.PathLike,
     labels: np.ndarray,
@@ -589,13 +584,7 @@ def write_labels(
     header["cal_min"] = 0
     header["cal_max"] = int(labels.max())
 
-    tmp = _temp_path(path)
-    # O_EXCL: never clobber another file; the mode follows the user's umask like a normal file.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    # The temporary name keeps the NIfTI suffix: nibabel decides on gzip from the file name.
+    with atomic_path(path, suffix=nifti_suffix(path) or ".nii") as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_sam.io.atomic import atomic_path
 from napari_sam.prompts import mask_to_box, mask_to_mask_input
 from napari_sam.training import prompt_sim
 from napari_sam.training.synthetic import TrainingSample
@@ -533,10 +534,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.config.to_dict()),
         }
-        sidecar = state_path(path)
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, sidecar)
+        with atomic_path(state_path(path)) as tmp:
+            torch.save(state, tmp)
         return path
 
     def load_state(self, checkpoint: str | os.PathLike) -> None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from napari_sam.registry import ModelSpec, get_spec
@@ -19,7 +16,6 @@ __all__ = [
     "destination",
     "is_cached",
     "sha256_file",
-    "temporary_beside",
 ]
 
 CACHE_ENV = "NAPARI_SAM_CACHE"
@@ -97,19 +93,3 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextmanager
-def temporary_beside(dest: Path) -> Iterator[Path]:
-    """A temporary file in ``dest``'s folder, deleted unless the body moved it away.
-
-    Writing there and then ``os.replace``-ing it onto ``dest`` makes the write atomic: ``dest``
-    is either the old file or the complete new one, never a partial one.
-    """
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from napari_sam.io.atomic import atomic_path
 from napari_sam.registry import ModelSpec
-from napari_sam.weights.cache import temporary_beside
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -254,7 +254,7 @@ def save_checkpoint(
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     spec_json = spec.to_json() if spec is not None else None
-    with temporary_beside(path) as tmp:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
@@ -265,7 +265,6 @@ def save_checkpoint(
             if spec_json:
                 payload["spec"] = spec_json
             torch.save(payload, tmp)
-        os.replace(tmp, path)
     return path
 
 

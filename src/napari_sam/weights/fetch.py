@@ -18,8 +18,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from napari_sam.io.atomic import atomic_path
 from napari_sam.registry import ModelSpec
-from napari_sam.weights.cache import CACHE_ENV, CHUNK, as_spec, destination, temporary_beside
+from napari_sam.weights.cache import CACHE_ENV, CHUNK, as_spec, destination
 
 __all__ = [
     "BASE_URL_ENV",
@@ -137,7 +138,7 @@ def download(
     if not url:
         raise WeightsUnavailableError(unavailable_message(spec, dest, None, "no URL"))
 
-    with temporary_beside(dest) as tmp:
+    with atomic_path(dest) as tmp:
         digest, size = _stream(url, tmp, spec, dest, progress, cancel, progress_callback)
         if spec.size_bytes is not None and size != spec.size_bytes:
             raise ChecksumError(
@@ -157,7 +158,6 @@ def download(
                 spec.name,
                 digest,
             )
-        os.replace(tmp, dest)
     return dest
 
 
