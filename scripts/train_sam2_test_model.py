@@ -21,6 +21,7 @@ frames), so the default 1600 steps take about 80 minutes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from napari_sam.registry import ModelSpec, _hiera
 from napari_sam.training.clip_trainer import ClipConfig, ClipTrainer
 from napari_sam.training.clips import SyntheticClips
 from napari_sam.training.evaluate import propagation_dice, tracking_cases, tracking_dice
-from napari_sam.weights import save_checkpoint
+from napari_sam.weights import load_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "sam2_test_tiny"
@@ -70,7 +71,40 @@ CONFIG = ClipConfig(
     grad_clip=1.0,
     seed=20261202,
     checkpoint_every=100,
+    tracked_masks="best",  # what the base run used; it let the decoder hedge (phase 2)
 )
+
+# Phase 2, "identity": the base run's model keeps the salient ellipsoid (the bright one on top)
+# whatever its prompt says, right on object 1 and wrong on object 2 (measured on the step kept,
+# 2026-12-03: tracking Dice 0.97 following object 1, 0.09 following object 2). Its decoder
+# hedges: on tracked frames it offers a candidate on each ellipsoid, which the best-of-three
+# mask loss ("best") rewards, and its IoU head keeps the salient one. This phase starts from
+# the base run's kept weights (--init) and supervises all three candidates of tracked frames
+# ("all"), on clips of two or three objects, the first frame prompted with the true mask more
+# often, so that the memory holds the right object.
+# Measured (2026-12-03, validation Dice following both objects in turn; the base step 800 scores
+# 0.52 there): with "best" and lr 2e-4, 0.52 / 0.47 at steps 100 / 200 (stopped); with "all",
+# lr 2e-4, 800 steps, best 0.686 (step 500); as below (lr 5e-4, decoder and memory only, 80 %
+# mask prompts, half the volumes with equally bright objects, 600 steps), best 0.702 (step
+# 300), held-out 0.549 / 0.575. None tracks the prompted object: the committed fixture is still
+# the base step 800, and this phase is where the next attempt starts.
+IDENTITY_CONFIG = ClipConfig(
+    **{
+        **CONFIG.to_dict(),
+        "steps": 600,
+        "lr": 5e-4,
+        "warmup_steps": 50,
+        "min_lr_ratio": 0.05,
+        "trainable": "decoder",
+        "p_mask": 0.8,
+        "seed": 20261203,
+        "tracked_masks": "all",
+    }
+)
+PHASES = {
+    "base": (CONFIG, SyntheticClips()),
+    "identity": (IDENTITY_CONFIG, SyntheticClips(objects=(2, 3), p_same_level=0.5)),
+}
 
 EVAL_SEED = 4246  # held out: neither training seed nor the SAM 1 quality test's 4242-4244
 SECOND_EVAL_SEED = 5000  # a second held-out set, so that the fixture is not judged on one set
@@ -109,19 +143,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "data")
     parser.add_argument(
-        "--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "napari-sam-train-sam2"
+        "--work-dir", type=Path, help="default: napari-sam-train-sam2[-PHASE] in the temp dir"
     )
-    parser.add_argument("--steps", type=int, default=CONFIG.steps)
+    parser.add_argument("--phase", choices=sorted(PHASES), default="base")
+    parser.add_argument(
+        "--init", type=Path, help="start from these weights (the identity phase needs them)"
+    )
+    parser.add_argument("--steps", type=int, help="default: the phase's")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-volumes", type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = ClipConfig(**{**CONFIG.to_dict(), "steps": args.steps})
+    phase_config, clips = PHASES[args.phase]
+    if args.phase != "base" and args.init is None and not args.resume:
+        parser.error(f"--phase {args.phase} starts from trained weights: pass --init")
+    config = ClipConfig(**{**phase_config.to_dict(), "steps": args.steps or phase_config.steps})
     torch.manual_seed(config.seed)
     model = build_sam2(SPEC)
-    trainer = ClipTrainer(model, SyntheticClips(), config)
-    work = args.work_dir / f"{NAME}.safetensors"
+    if args.init is not None:
+        model.load_state_dict(load_model(args.init, device="cpu").state_dict())
+    trainer = ClipTrainer(model, clips, config)
+    suffix = "" if args.phase == "base" else f"-{args.phase}"
+    work_dir = args.work_dir or Path(tempfile.gettempdir()) / f"napari-sam-train-sam2{suffix}"
+    work = work_dir / f"{NAME}.safetensors"
     if args.resume and work.exists():
         trainer.load_state(work)
         print(f"resumed at step {trainer.step}", flush=True)
@@ -152,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
             window, ious = [], []
     if kept is None:
         raise SystemExit("no step was validated; nothing to write")
-    from napari_sam.weights import load_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = save_checkpoint(load_model(best), args.out / f"{NAME}.safetensors", half=True)
@@ -167,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "name": NAME,
         "spec": SPEC.to_dict(),
+        "phase": args.phase,
+        "init": None if args.init is None else args.init.name,
         "train": config.to_dict(),
+        "clips": dataclasses.asdict(clips),
         "kept_step": kept["step"],
         "validation": {
             "seed": VALIDATION_SEED,

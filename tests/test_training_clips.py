@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from napari_sam.models.sam2.build import build_sam2
 from napari_sam.registry import ModelSpec, _hiera
 from napari_sam.training.clip_trainer import ClipConfig, ClipTrainer
 from napari_sam.training.clips import Clip, SyntheticClips
+from napari_sam.training.synthetic import ellipsoid_volume
 from volume_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 
 SPEC = ModelSpec(
@@ -82,6 +84,33 @@ def test_clip_trainer_learns_to_track_a_clip_and_resumes(tmp_path):
     assert np.mean(tracked[-5:]) > np.mean(tracked[:5]) + 0.2
 
 
+def test_tracked_frames_supervise_every_candidate_unless_told_best():
+    """``tracked_masks="all"``: a tracked frame's loss is the mean of its three candidates'.
+
+    Same model, same clip, same prompt: the mean is at least the minimum, and larger for an
+    untrained decoder whose candidates differ; the prompted frame keeps the best-of-three loss
+    either way (a box or a click is ambiguous; the memory is not).
+    """
+    clip = CLIPS.draw(np.random.default_rng(5))
+    losses = {}
+    for tracked in ("all", "best"):
+        torch.manual_seed(0)
+        config = ClipConfig(steps=1, batch_size=1, p_mask=0.0, seed=3, tracked_masks=tracked)
+        model = build_sam2(SPEC)
+        with torch.no_grad():  # the object seen: else every candidate is SAM 2's "no object"
+            model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 5.0
+        trainer = ClipTrainer(model, _Same(clip), config)
+        trainer._set_modes()
+        trainer.model.eval()  # no dropout: the two walks differ only by the loss
+        images, truth = trainer._frames([clip])
+        with torch.no_grad():
+            losses[tracked] = trainer._walk(images, truth)[1]["mask"]
+    print(losses)
+    assert losses["all"] > losses["best"] + 1e-4
+    with pytest.raises(ValueError, match="tracked_masks"):
+        ClipConfig(tracked_masks="selected")
+
+
 def test_decoder_setting_freezes_the_image_encoder():
     trainer = ClipTrainer(
         build_sam2(SPEC),
@@ -95,6 +124,44 @@ def test_decoder_setting_freezes_the_image_encoder():
     before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
     trainer.train_step()
     assert all(torch.equal(v, model.image_encoder.state_dict()[k]) for k, v in before.items())
+
+
+def test_tracking_cases_follow_both_objects_of_the_same_volumes():
+    from napari_sam.training.evaluate import tracking_cases
+
+    shape = (10, 48, 56)
+    alternate = tracking_cases(11, 4, shape=shape)
+    first = tracking_cases(11, 4, shape=shape, follow="first")
+    _, labels = ellipsoid_volume(np.random.default_rng(11), shape, n_objects=2)
+    for i, ((vol_a, truth_a, start_a), (vol_f, truth_f, _)) in enumerate(
+        zip(alternate, first, strict=True)
+    ):
+        assert np.array_equal(vol_a, vol_f)  # same volumes whatever is followed
+        if i % 2 == 0:
+            assert np.array_equal(truth_a, truth_f)
+        else:  # the other ellipsoid: no voxel shared with object 1's mask
+            assert truth_a.any() and not (truth_a & truth_f).any()
+        assert start_a == int(np.argmax(truth_a.sum(axis=(1, 2))))
+    assert np.array_equal(alternate[0][1], labels == 1)
+    with pytest.raises(ValueError, match="follow"):
+        tracking_cases(11, 1, shape=shape, follow="second")
+
+
+def test_same_level_volumes_leave_only_the_prompt_to_tell_the_objects_apart():
+    shape = (10, 48, 56)
+    gaps = {}
+    for same in (False, True):
+        volume, labels = ellipsoid_volume(
+            np.random.default_rng(7), shape, n_objects=2, same_level=same
+        )
+        if same is False:  # the default draws the same volume as before the option existed
+            default = ellipsoid_volume(np.random.default_rng(7), shape, n_objects=2)
+            assert np.array_equal(default[0], volume) and np.array_equal(default[1], labels)
+        one, two = (np.median(volume[labels == k]) for k in (1, 2))
+        background = np.median(volume[labels == 0])
+        gaps[same] = (one - two, one - background)
+    assert gaps[False][0] > 0.5 * gaps[False][1]  # bright vs dark
+    assert abs(gaps[True][0]) < 0.25 * gaps[True][1]  # as bright as each other
 
 
 def test_volume_dice_measures_both_engines_on_the_same_cases():

@@ -53,6 +53,10 @@ class SyntheticClips:
         of its largest cross-section (as a user clicks); else any slice that shows it.
     config : SceneConfig
         Texture, contrast and noise ranges.
+    p_same_level : float
+        Probability that all ellipsoids of a volume are equally bright
+        (``ellipsoid_volume(same_level=True)``), so that only the memory of the prompted frame
+        tells the followed one from the others.
     """
 
     frames: int = 8
@@ -61,6 +65,7 @@ class SyntheticClips:
     objects: tuple[int, int] = (1, 3)
     p_core_start: float = 0.8
     config: SceneConfig | None = None
+    p_same_level: float = 0.0
 
     def draw(self, rng: np.random.Generator) -> Clip:
         """One clip, drawn with ``rng``."""
@@ -73,7 +78,11 @@ class SyntheticClips:
         d = int(rng.integers(self.depth[0], self.depth[1] + 1))
         h, w = (int(v) for v in rng.integers(self.side[0], self.side[1] + 1, size=2))
         n = int(rng.integers(self.objects[0], self.objects[1] + 1))
-        volume, labels = ellipsoid_volume(rng, (d, h, w), n_objects=n, config=self.config)
+        # Drawn only when asked for, so that clips without it keep their random stream.
+        same = self.p_same_level > 0 and rng.random() < self.p_same_level
+        volume, labels = ellipsoid_volume(
+            rng, (d, h, w), n_objects=n, config=self.config, same_level=same
+        )
         truth = labels == int(rng.integers(1, n + 1))
         areas = truth.sum(axis=(1, 2))
         if not areas.any():

@@ -230,18 +230,29 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def tracking_cases(
-    seed: int, n_volumes: int, shape: tuple[int, int, int] = (24, 144, 176)
+    seed: int,
+    n_volumes: int,
+    shape: tuple[int, int, int] = (24, 144, 176),
+    follow: str = "alternate",
 ) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """Held-out volumes for volume-wise comparisons: ``(volume, truth of object 1, start)``.
+    """Held-out volumes for volume-wise comparisons: ``(volume, truth, start)``.
 
-    ``start`` is the slice of the object's largest cross-section, where both the SAM 1
+    Each volume holds two ellipsoids: object 1 brighter than the background and drawn on top
+    where they overlap, object 2 darker. A model that segments the salient object whatever its
+    prompt says scores well on object 1 alone (the first SAM 2 fixture did), so
+    ``follow="alternate"`` follows object 1 in the even cases and object 2 in the odd ones
+    (``"first"``: object 1 always). The volumes depend on ``seed`` only, not on ``follow``.
+
+    ``start`` is the slice of the followed object's largest cross-section, where both the SAM 1
     propagation and SAM 2 tracking get the object's true mask as their one prompt.
     """
+    if follow not in ("alternate", "first"):
+        raise ValueError(f'follow must be "alternate" or "first", got {follow!r}')
     rng = np.random.default_rng(seed)
     cases = []
-    for _ in range(n_volumes):
+    for i in range(n_volumes):
         volume, labels = ellipsoid_volume(rng, shape, n_objects=2)
-        truth = labels == 1
+        truth = labels == (2 if follow == "alternate" and i % 2 else 1)
         cases.append((volume, truth, int(np.argmax(truth.sum(axis=(1, 2))))))
     return cases
 

@@ -445,8 +445,13 @@ def ellipsoid_volume(
     shape: tuple[int, int, int] = (40, 160, 192),
     n_objects: int = 2,
     config: SceneConfig | None = None,
+    same_level: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A textured, noisy volume with ellipsoids (for propagation tests and demos).
+
+    Objects alternate between brighter (odd labels) and darker (even) than the background;
+    with ``same_level`` all are as bright as object 1, so that only a prompt (or a memory)
+    says which one is meant.
 
     Returns
     -------
@@ -468,7 +473,8 @@ def ellipsoid_volume(
     texture = random_texture(rng, shape, _uniform(rng, config.texture_sigma))
     intensity = background + _uniform(rng, config.texture) * texture
     for label in range(1, n_objects + 1):
-        level = background + (1 if label % 2 else -1) * _uniform(rng, config.contrast)
+        if label == 1 or not same_level:  # else object 1's level, kept from the first pass
+            level = background + (1 if label % 2 else -1) * _uniform(rng, config.contrast)
         intensity[labels == label] = (
             level + 0.5 * _uniform(rng, config.texture) * texture[labels == label]
         )
