@@ -14,6 +14,9 @@ Run from the repository root; resumable (``--resume`` continues from ``--work-di
 
     nice -n 10 .venv/bin/python scripts/train_sam2_test_model.py > train2.log 2>&1 &
 
+Then, from the base run's kept weights (``<work-dir>/sam2_test_tiny.best.safetensors``; see
+``IDENTITY_CONFIG`` below), ``--phase identity --init <those weights>``.
+
 Measured: 2.6-3.2 s per step with 2 threads on the 2-core machine (batch of 2 clips of 8
 frames), so the default 1600 steps take about 80 minutes.
 """
@@ -108,10 +111,10 @@ PHASES = {
 
 EVAL_SEED = 4246  # held out: neither training seed nor the SAM 1 quality test's 4242-4244
 SECOND_EVAL_SEED = 5000  # a second held-out set, so that the fixture is not judged on one set
-# Validation, for keeping the best checkpoint: a third seed, never a test's. The 2026-12-03 run
-# tracked well at step 800 (validation Dice 0.968) and had collapsed by step 1200 (0.20: after
-# the prompted slice the masks moved to the other ellipsoid), so the last step is not the one
-# to keep.
+# Validation, for keeping the best checkpoint: a third seed, never a test's, following both
+# objects in turn (tracking_cases' default). The 2026-12-03 base run, validated on object 1
+# alone, scored 0.968 at step 800 and 0.20 by step 1200 (those steps kept object 2 whatever the
+# prompt; step 800 keeps object 1 whatever the prompt), so the last step is not the one to keep.
 VALIDATION_SEED = 6000
 VALIDATION_VOLUMES = 8
 
